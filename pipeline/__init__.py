@@ -1,0 +1,1 @@
+"""Glimpse's training pipeline: configuration, Ray Train loop, evaluation, MLflow tracking, Ray Tune."""
