@@ -9,5 +9,7 @@ from models.registry import create_model, list_models
 
 # Importing a family module registers its variants with timm (one file per family).
 # family modules (each helper adds one line)
+from models import baseline  # noqa: E402,F401
+from models import psvit  # noqa: E402,F401
 
 __all__ = ["create_model", "list_models"]

@@ -45,3 +45,30 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; Glimpse models: {', '.join(list_models())} "
                          "(any timm model name is accepted too)")
     return timm.create_model(name, **kwargs)
+
+
+def build_video_model(model_cls: type[nn.Module], variant: str, default_cfg: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """Build a video model and attach its pretrained cfg.
+
+    timm's ``build_model_with_cfg`` assumes image ``input_size=(C, H, W)``; video cfgs hold
+    ``input_size=(C, T, H, W)``, so video families construct through here. The attached cfg's
+    ``input_size`` follows the ``num_frames`` / ``img_size`` actually passed, so data pipelines and
+    the FLOPs counter read the geometry the model was built for.
+    """
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained=True would download weights; pass checkpoint_path=<local file> instead")
+    checkpoint_path = kwargs.pop("checkpoint_path", None)
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    model = model_cls(**kwargs)
+    c, t, h, w = default_cfg["input_size"]
+    t = kwargs.get("num_frames", t)
+    size = kwargs.get("img_size", (h, w))
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    cfg = {**default_cfg, "architecture": variant, "input_size": (kwargs.get("in_chans", c), t, h, w)}
+    model.pretrained_cfg = model.default_cfg = cfg
+    if checkpoint_path:
+        from models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path, filter_fn=getattr(model, "checkpoint_filter_fn", None))
+    return model

@@ -1,0 +1,79 @@
+"""From a DataConfig to per-rank datasets: source resolution (synthetic data made if absent) and specs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Sources:
+    train: str
+    val: str
+    num_classes: int
+    classes: tuple[str, ...]
+    train_samples: int
+
+
+def resolve_sources(cfg: DataConfig) -> Sources:
+    """Absolute shard sources and the class list. Builds the synthetic dataset when none is given.
+
+    Called once on the driver: workers run in another working directory, so paths must be absolute.
+    """
+    from datasets.manifest import resolve_source
+
+    train, val = cfg.train, cfg.val
+    if not train:
+        if not cfg.synthetic:
+            raise ValueError("data.train is empty and data.synthetic is off: give data.train=<shards>")
+        from datasets.synthetic import ensure_synthetic
+
+        root = ensure_synthetic(Path(cfg.synthetic_root).expanduser(), kind=cfg.kind, preset=cfg.synthetic)
+        train, val = str(root / "train"), str(root / "val")
+
+    def absolute(src: str) -> str:
+        return src if "://" in src or src.startswith("pipe:") or not src else str(Path(src).expanduser().resolve())
+
+    train, val = absolute(train), absolute(val)
+    manifest = resolve_source(train).manifest
+    if manifest is None:
+        raise ValueError(f"data.train={train!r} has no manifest.json: class names and counts are unknown; "
+                         "build shards with jobs/make_shards.py or point at their folder")
+    total = cfg.samples_per_epoch or manifest.total_samples
+    return Sources(train=train, val=val or train, num_classes=len(manifest.classes),
+                   classes=tuple(manifest.classes), train_samples=total)
+
+
+def video_spec(cfg: DataConfig, views: tuple[int, int] = (1, 1), mean=None, std=None):
+    from datasets.loader import VideoSpec
+
+    extra = {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}
+    return VideoSpec(num_frames=cfg.num_frames, stride=cfg.stride, crop_size=cfg.crop_size,
+                     train_short_side=(cfg.train_short_side_min, cfg.train_short_side_max),
+                     eval_short_side=cfg.eval_short_side, num_clips=views[0], num_crops=views[1], **extra)
+
+
+def image_spec(cfg: DataConfig, mean=None, std=None):
+    from datasets.loader import ImageSpec
+
+    extra = {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}
+    return ImageSpec(size=cfg.image_size, crop_pct=cfg.crop_pct, auto_augment=cfg.auto_augment or None, **extra)
+
+
+def build_dataset(cfg: DataConfig, source: str, *, train: bool, batch_size: int, rank: int, world_size: int,
+                  seed: int, epoch: int = 0, samples_per_epoch: int | None = None, start_batch: int = 0,
+                  views: tuple[int, int] = (1, 1), stats=None, mean=None, std=None):
+    from datasets.loader import build_image_dataset, build_video_dataset
+
+    common = dict(train=train, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                  samples_per_epoch=samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer, start_batch=start_batch,
+                  stats=stats)
+    if cfg.kind == "video":
+        return build_video_dataset(source, spec=video_spec(cfg, views, mean, std), **common)
+    return build_image_dataset(source, spec=image_spec(cfg, mean, std), **common)
+
+
+def batch_inputs(batch: dict, kind: str):
+    return batch["video"] if kind == "video" else batch["image"]
