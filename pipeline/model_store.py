@@ -10,6 +10,7 @@ for users who trust the store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipeline import checkpointing
 from pipeline.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,11 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     or a local ``final_model`` folder, without unpickling. Returns (model in eval mode, metadata)."""
     import mlflow
 
-    from pipeline.modeling import build_model
-
+    if Path(uri).is_dir() and (Path(uri) / checkpointing.STATE_FILE).is_file():
+        # A training checkpoint folder (state.pt + config.json), e.g. from Ray Train's storage.
+        meta = checkpointing.load_config(uri)
+        state = checkpointing.load_state(uri)["model"]
+        return _rebuild(meta, state, device), meta
     if Path(uri).is_dir():
         directory = Path(uri)
     else:
@@ -121,8 +126,15 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     if not meta_path.is_file():
         raise FileNotFoundError(f"{uri}: no {CONFIG_NAME}; was this model logged by Glimpse?")
     meta = json.loads(meta_path.read_text())
-    cfg = ExperimentConfig.from_dict(meta["experiment"])
-    model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": ""}), meta["num_classes"])
     state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    return _rebuild(meta, state, device), meta
+
+
+def _rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor], device: str) -> nn.Module:
+    from pipeline.modeling import build_model
+
+    cfg = ExperimentConfig.from_dict(meta["experiment"])
+    # The architecture only: weights come from ``state``, not from the original pretrained file.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""), meta["num_classes"])
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), meta
+    return model.to(device).eval()

@@ -20,14 +20,16 @@ KINETICS_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
         "eval": {"views": "2x1", "batch_size": 8},
         "cluster": {"num_workers": 1},
+        "tracking": {"register": "glimpse-kinetics-smoke"},
     },
     "demo": {
         "model": {"name": "frame_tcn_tiny"},
         "data": {**_SYNTH_VIDEO, "synthetic": "demo"},
         "train": {"epochs": 12, "batch_size": 16, "lr": 3e-3, "warmup_epochs": 1, "log_every": 5, "val_every": 4,
                   "label_smoothing": 0.0},
-        "eval": {"views": "2x1", "batch_size": 16},
+        "eval": {"views": "2x3", "batch_size": 16},
         "cluster": {"num_workers": 2},
+        "tracking": {"register": "glimpse-kinetics-demo"},
     },
     # SparseFormer paper, Kinetics-400: 32 frames at stride 4, 4x3 views at test; 8 GPU workers.
     "video_sparseformer_tiny_k400": {
@@ -74,6 +76,7 @@ IMAGENET_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
         "eval": {"batch_size": 32},
         "cluster": {"num_workers": 1},
+        "tracking": {"register": "glimpse-imagenet-smoke"},
     },
     "demo": {
         "model": _TINY_VIT,
@@ -82,6 +85,7 @@ IMAGENET_PRESETS: dict[str, dict[str, Any]] = {
                   "mixup": 0.2, "cutmix": 0.0},
         "eval": {"batch_size": 64},
         "cluster": {"num_workers": 2},
+        "tracking": {"register": "glimpse-imagenet-demo"},
     },
     # DeiT-S + ATS fine-tuning (ATS paper: from a DeiT-S checkpoint, multi-stage 3-11).
     "deit_small_ats_in1k": {

@@ -167,7 +167,8 @@ def train_func(config: dict[str, Any]) -> None:
                          "rng": checkpointing.capture_rng()}
                 if ema is not None:
                     state["ema"] = ema.module.state_dict()
-                checkpointing.save_state(tmp, state, cfg.to_dict())
+                checkpointing.save_state(tmp, state, {"experiment": cfg.to_dict(), "num_classes": runtime["num_classes"],
+                                                      "classes": list(runtime["classes"])})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)  # RAY
             ray.train.report({**metrics, "step": step, "epoch": epoch},  # RAY: a barrier on every rank
                              checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{step:08d}")
