@@ -43,7 +43,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env} if address != "auto" else None, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def is_local(path: str) -> bool:

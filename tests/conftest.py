@@ -1,0 +1,110 @@
+"""Shared fixtures: real services on loopback (a Ray head, an MLflow server) and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def service_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head on loopback (``ray start --head``) with its own ports and temp dir.
+
+    Yields {"address": GCS address, "dashboard": job-submission URL}. In-process tests connect
+    to it too, so the whole session uses one cluster.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rayg", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
+    subprocess.run(cmd, check=True, env=service_env(), capture_output=True, timeout=120)
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
+    try:
+        _wait_http(f"{info['dashboard']}/api/version", 60)
+        yield info
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=service_env(), capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` with an SQLite backend on loopback; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=service_env(), stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", 120, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Root under which the smoke synthetic datasets are built once per session."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def smoke_video(synthetic_root) -> Path:
+    from datasets.synthetic import ensure_synthetic
+
+    return ensure_synthetic(synthetic_root, kind="video", preset="smoke")
