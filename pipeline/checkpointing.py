@@ -60,3 +60,19 @@ def load_state(directory: str | Path) -> dict[str, Any]:
 
 def load_config(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def newest_local_state(run_dir: str) -> dict[str, Any] | None:
+    """The newest readable training state among ``run_dir/checkpoint_step*`` (local storage only).
+
+    A checkpoint folder whose ``state.pt`` cannot be read (a copy cut short) is skipped for the
+    one before it.
+    """
+    if "://" in run_dir or not Path(run_dir).is_dir():
+        return None
+    for directory in sorted(Path(run_dir).glob("checkpoint_step*"), reverse=True):
+        try:
+            return load_state(directory)
+        except Exception:
+            continue
+    return None

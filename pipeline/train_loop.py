@@ -127,9 +127,16 @@ def train_func(config: dict[str, Any]) -> None:
 
     epoch, batch_in_epoch, step = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()  # RAY: set when resuming (restart with the same name, or a failure)
+    state = None
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = checkpointing.load_state(ckpt_dir)
+    # Ray's controller learns of a report when it next polls the workers; a worker that dies right
+    # after a checkpoint can leave it on storage but unregistered. Take whichever is newer.
+    newest = checkpointing.newest_local_state(runtime["run_dir"])
+    if newest is not None and (state is None or newest["step"] > state["step"]):
+        state = newest
+    if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -147,7 +154,7 @@ def train_func(config: dict[str, Any]) -> None:
     if rank == 0:
         tracker = Tracker(runtime["tracking_uri"], cfg.tracking.experiment, runtime["run_name"],
                           artifact_root=runtime.get("artifact_root"))
-        if not checkpoint:
+        if state is None:  # a fresh run; a resumed one logged these already
             tracker.log_params(cfg.flat())
             tracker.set_tags({**environment_info(world_size, str(device)), "glimpse.model": cfg.model.name})
             tracker.log_metrics({f"model/{k}": v for k, v in cost.items()}, step=0)

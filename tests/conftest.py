@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# Ray 2.60 turns token authentication on once a token exists (ray.init() writes ~/.ray/auth_token),
+# and reads the token settings when ``ray`` is imported. So this session gets its own token now,
+# before any test imports ray; the Ray head, ``ray job submit`` and in-process clients all share it.
+_token_dir = Path(tempfile.mkdtemp(prefix="glimpse-raytoken-"))
+(_token_dir / "auth_token").write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_dir / "auth_token")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,13 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, token: str | None = None) -> None:
     deadline = time.time() + timeout
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server for {url} exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -57,6 +67,7 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rayg", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     port, dash = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
@@ -65,7 +76,7 @@ def ray_cluster():
     subprocess.run(cmd, check=True, env=service_env(), capture_output=True, timeout=120)
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
     try:
-        _wait_http(f"{info['dashboard']}/api/version", 60)
+        _wait_http(f"{info['dashboard']}/api/version", 90, token=token)
         yield info
     finally:
         if ray.is_initialized():
