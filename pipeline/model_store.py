@@ -71,8 +71,15 @@ def log_final_model(tracker, model: nn.Module, cfg: ExperimentConfig, runtime: d
             files = local_files or write_model_files(Path(tmp), model, cfg, runtime)
             if summary is not None:
                 mlflow.log_dict(summary, "eval_results.json")
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                            extra_files=files, pip_requirements=_requirements())
+            common = dict(name="model", signature=signature, input_example=x.numpy(), extra_files=files,
+                          pip_requirements=_requirements())
+            try:
+                # MLflow 3 saves a torch.export program by default: loading it unpickles nothing.
+                info = mlflow.pytorch.log_model(model, serialization_format="pt2", **common)
+            except Exception as exc:  # data-dependent shapes (e.g. ATS) may not export
+                logger.warning("torch.export of %s failed (%s); MLflow's copy is pickled instead (Glimpse's "
+                               "loader still reads the safe state dict)", cfg.model.name, type(exc).__name__)
+                info = mlflow.pytorch.log_model(model, serialization_format="pickle", **common)
         out["model_uri"] = info.model_uri
         if cfg.tracking.register:
             out.update(register(info.model_uri, cfg.tracking.register, cfg.tracking.aliases, tracker.tracking_uri,
