@@ -1,9 +1,11 @@
-"""Frame-level video baseline: a small 2D CNN per frame, a temporal convolution across frames.
+"""Frame-level video baseline: a small 2D CNN per frame, then a space-time convolution over the
+per-frame feature maps.
 
 Not from a paper: the reference point the token-efficient models are compared with, and the model
-the pipeline trains before the video transformers are picked. The temporal convolution lets it
-tell a clip from its time reversal, which a pure frame-average cannot (Glimpse's synthetic
-motion data is built so that order matters).
+the pipeline trains before the video transformers are picked. The temporal convolution runs on
+feature *maps*, not pooled vectors, so displacement between frames is visible to it: it can tell a
+clip from its time reversal, which a frame average cannot (Glimpse's synthetic motion data is built
+so that order matters).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class FrameTCN(nn.Module):
-    """Per-frame CNN features (B*T, C) -> temporal conv over T -> mean over time -> classifier.
+    """Per-frame CNN maps (B*T, C, h, w) -> (k x 3 x 3) space-time conv -> mean over space and time -> classifier.
 
     Input (B, 3, T, H, W). ``forward_features`` returns (B, T, C) tokens (one per frame), so the
     timm contract (features, head, classifier reset) holds as for the transformers.
@@ -39,9 +41,10 @@ class FrameTCN(nn.Module):
             cin = w
         self.stem = nn.Sequential(*layers)
         self.num_features = self.head_hidden_size = cin
-        # Temporal conv mixes neighbouring frames: direction of motion becomes visible.
-        self.temporal = nn.Sequential(nn.Conv1d(cin, cin, temporal_kernel, padding=temporal_kernel // 2),
-                                      nn.BatchNorm1d(cin), nn.ReLU(inplace=True))
+        # Space-time conv over neighbouring frames' maps: where things moved becomes a feature.
+        self.temporal = nn.Sequential(
+            nn.Conv3d(cin, cin, (temporal_kernel, 3, 3), padding=(temporal_kernel // 2, 1, 1), bias=False),
+            nn.BatchNorm3d(cin), nn.ReLU(inplace=True))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -55,9 +58,9 @@ class FrameTCN(nn.Module):
         self._check_input(x)
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        feats = self.stem(frames).mean(dim=(2, 3))  # (B*T, F)
-        feats = feats.view(b, t, -1).transpose(1, 2)  # (B, F, T)
-        return self.temporal(feats).transpose(1, 2)  # (B, T, F)
+        maps = self.stem(frames)  # (B*T, F, h, w)
+        maps = maps.view(b, t, *maps.shape[1:]).transpose(1, 2)  # (B, F, T, h, w)
+        return self.temporal(maps).mean(dim=(3, 4)).transpose(1, 2)  # (B, T, F)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=1))  # (B, F)

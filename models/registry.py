@@ -44,7 +44,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in _GLIMPSE_MODELS and name not in timm.list_models():
         raise ValueError(f"unknown model {name!r}; Glimpse models: {', '.join(list_models())} "
                          "(any timm model name is accepted too)")
-    return timm.create_model(name, **kwargs)
+    # timm would load the file itself, skipping the family's adapter: load it here instead.
+    checkpoint_path = kwargs.pop("checkpoint_path", None)
+    model = timm.create_model(name, **kwargs)
+    if checkpoint_path:
+        load_family_checkpoint(model, checkpoint_path)
+    return model
+
+
+def load_family_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load a local checkpoint strictly, through the model family's ``checkpoint_filter_fn`` if it has one
+    (timm's own families included: a timm ViT file loads into an ATS-ViT, TimeSformer or XViT)."""
+    import sys
+
+    from models.checkpoint import load_checkpoint
+
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return load_checkpoint(model, path, filter_fn=filter_fn)
 
 
 def build_video_model(model_cls: type[nn.Module], variant: str, default_cfg: dict[str, Any], **kwargs: Any) -> nn.Module:
@@ -68,7 +84,5 @@ def build_video_model(model_cls: type[nn.Module], variant: str, default_cfg: dic
     cfg = {**default_cfg, "architecture": variant, "input_size": (kwargs.get("in_chans", c), t, h, w)}
     model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint_path:
-        from models.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint_path, filter_fn=getattr(model, "checkpoint_filter_fn", None))
+        load_family_checkpoint(model, checkpoint_path)
     return model
