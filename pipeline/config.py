@@ -50,6 +50,9 @@ class DataConfig:
     train_short_side_min: int = 64
     train_short_side_max: int = 80
     eval_short_side: int = 64
+    # Horizontal flip probability in training; 0 for labels that depend on left/right or rotation
+    # direction (Something-Something-style motion, Glimpse's synthetic clips).
+    hflip: float = 0.5
     image_size: int = 224
     crop_pct: float = 0.875
     auto_augment: str = "rand-m9-mstd0.5-inc1"
@@ -233,7 +236,7 @@ def _validate(obj: Any, prefix: str) -> None:
     non_negative = {"lr", "weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "mixup", "cutmix",
                     "clip_grad", "ema_decay", "checkpoint_every", "val_every", "stop_at_step", "fail_at_step",
                     "max_failures", "samples_per_epoch", "loader_workers", "num_workers", "shuffle_buffer",
-                    "drop_path_rate", "cpus_per_worker"}
+                    "drop_path_rate", "cpus_per_worker", "hflip"}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if f.name in positive and value <= 0:

@@ -52,7 +52,8 @@ def video_spec(cfg: DataConfig, views: tuple[int, int] = (1, 1), mean=None, std=
     extra = {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}
     return VideoSpec(num_frames=cfg.num_frames, stride=cfg.stride, crop_size=cfg.crop_size,
                      train_short_side=(cfg.train_short_side_min, cfg.train_short_side_max),
-                     eval_short_side=cfg.eval_short_side, num_clips=views[0], num_crops=views[1], **extra)
+                     eval_short_side=cfg.eval_short_side, num_clips=views[0], num_crops=views[1], hflip=cfg.hflip,
+                     **extra)
 
 
 def image_spec(cfg: DataConfig, mean=None, std=None):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Synthetic motion classes come in mirror pairs (left/right, clockwise/counter-clockwise): no flips.
 _SYNTH_VIDEO = {"kind": "video", "num_frames": 8, "stride": 2, "crop_size": 56, "train_short_side_min": 56,
-                "train_short_side_max": 72, "eval_short_side": 56, "loader_workers": 1}
+                "train_short_side_max": 72, "eval_short_side": 56, "loader_workers": 1, "hflip": 0.0}
 
 KINETICS_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
