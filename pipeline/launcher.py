@@ -85,7 +85,9 @@ def runtime_info(cfg: ExperimentConfig) -> dict[str, Any]:
             "threads_per_worker": max(1, int(cfg.cluster.cpus_per_worker))}
 
 
-def build_trainer(cfg: ExperimentConfig, runtime: dict[str, Any], train_func=None):
+def build_trainer(cfg: ExperimentConfig, runtime: dict[str, Any], train_func=None, callbacks: list | None = None):
+    """The TorchTrainer for ``cfg``; ``callbacks`` are Ray Train ``UserCallback`` s (e.g. Tune's
+    ``TuneReportCallback`` when the trainer runs inside a Tune trial, see ``pipeline.tune``)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -103,7 +105,8 @@ def build_trainer(cfg: ExperimentConfig, runtime: dict[str, Any], train_func=Non
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name=cluster.name, storage_path=cluster.storage_path,
-                             failure_config=FailureConfig(max_failures=cluster.max_failures)),
+                             failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             callbacks=list(callbacks) if callbacks else None),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
 

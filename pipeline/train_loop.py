@@ -78,6 +78,36 @@ def evaluate_model(model: nn.Module, cfg: ExperimentConfig, source: str, *, view
     return summary
 
 
+def measure_average_gflops(model: nn.Module, cfg: ExperimentConfig, source: str, max_samples: int) -> float:
+    """Average per-sample GFLOPs over the first ``max_samples`` validation samples (one view each),
+    counting each sample's kept tokens (``models.flops.average_flops``; ATS section 3.2). Models
+    without adaptive tokens cost the same on every input: they are counted once."""
+    from datasets.loader import make_loader
+    from models.ats import ats_stages
+    from models.flops import average_flops, count_flops
+
+    model = _unwrap(model)
+    dataset = build_dataset(cfg.data, source, train=False, batch_size=cfg.eval.batch_size, rank=0, world_size=1,
+                            seed=cfg.train.seed, views=(1, 1), **_norm(model))
+    device = next(model.parameters()).device
+    batches, seen = [], 0
+    for batch in make_loader(dataset, num_workers=0):
+        x = batch_inputs(batch, cfg.data.kind)[: max_samples - seen].to(device)  # (B, C, [T,] H, W)
+        batches.append(x)
+        seen += x.shape[0]
+        if seen >= max_samples:
+            break
+    if not batches:
+        raise ValueError(f"validation source {source} gave no samples to count GFLOPs on")
+    was_training = model.training
+    try:
+        if not ats_stages(model):
+            return float(count_flops(model, batches[0][:1]).gflops)
+        return float(average_flops(model, batches))
+    finally:
+        model.train(was_training)
+
+
 def _norm(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(_unwrap(model), "pretrained_cfg", None) or {}
     return {"mean": cfg.get("mean"), "std": cfg.get("std")} if cfg.get("mean") else {}
@@ -157,6 +187,10 @@ def train_func(config: dict[str, Any]) -> None:
         if state is None:  # a fresh run; a resumed one logged these already
             tracker.log_params(cfg.flat())
             tracker.set_tags({**environment_info(world_size, str(device)), "glimpse.model": cfg.model.name})
+            # Inside a sweep (pipeline.tune): nest this run under the sweep's parent run, one run per trial.
+            if runtime.get("parent_run_id"):
+                tracker.set_tags({"mlflow.parentRunId": runtime["parent_run_id"]})
+            tracker.set_tags(runtime.get("extra_tags") or {})
             tracker.log_metrics({f"model/{k}": v for k, v in cost.items()}, step=0)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "config.yaml"
@@ -177,7 +211,8 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpointing.save_state(tmp, state, {"experiment": cfg.to_dict(), "num_classes": runtime["num_classes"],
                                                       "classes": list(runtime["classes"])})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)  # RAY
-            ray.train.report({**metrics, "step": step, "epoch": epoch},  # RAY: a barrier on every rank
+            epoch_metrics = {"epochs_done": epoch + 1} if final_of_epoch else {}  # 1-based: a scheduler's clock
+            ray.train.report({**metrics, **epoch_metrics, "step": step, "epoch": epoch},  # RAY: a barrier on every rank
                              checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{step:08d}")
         if tracker is not None:
             tracker.flush()  # metrics become durable together with their checkpoint
@@ -266,6 +301,10 @@ def train_func(config: dict[str, Any]) -> None:
                         if summary is not None:
                             metrics.update({"val/top1": summary["top1"], "val/top5": summary["top5"],
                                             "val/loss": summary["loss"]})
+                            if runtime.get("gflops_samples"):  # sweeps compare trials on accuracy AND cost
+                                metrics["val/gflops"] = measure_average_gflops(
+                                    ema.module if ema is not None else _unwrap(model), cfg, runtime["val"],
+                                    runtime["gflops_samples"])
                             tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
                     save_and_report(metrics, final_of_epoch=True)
             if tcfg.stop_at_step and step >= tcfg.stop_at_step:
@@ -296,7 +335,8 @@ def train_func(config: dict[str, Any]) -> None:
                        "eval/skipped_samples": summary["skipped_samples"]}
             tracker.log_metrics(metrics, step=step)
         tracker.flush()
-        log_final_model(tracker, _unwrap_for_logging(final_model), cfg, runtime, summary)
+        if runtime.get("log_final_model", True):  # sweeps log only the model they select (pipeline.tune)
+            log_final_model(tracker, _unwrap_for_logging(final_model), cfg, runtime, summary)
         tracker.close()
     ray.train.report({**(summary and {k: v for k, v in summary.items() if isinstance(v, (int, float))} or {}),  # RAY
                       "step": step, "epoch": epoch, "done": 1})
