@@ -152,3 +152,14 @@ def test_demo_preset_learns_motion(tmp_path, synthetic_root, ray_cluster):
     chance = 1.0 / len(result.eval["per_class"])
     print(f"demo: top-1 {result.eval['top1']:.3f} (chance {chance:.3f}) over {result.eval['num_videos']} videos")
     assert result.eval["top1"] >= 2.5 * chance
+
+
+def test_video_sparseformer_preset_trains_and_registers(tmp_path, synthetic_root, ray_cluster):
+    """The pipeline trains the token-efficient video model by name, no pipeline change needed."""
+    cfg = _cfg(tmp_path, synthetic_root, ray_cluster, "vsf", "tracking.register=vsf-smoke", preset="vsf_smoke")
+    result = run_training(cfg)
+    assert result.error is None, result.error
+    assert result.eval["num_videos"] == 24 and result.model["registered_version"] == 1
+    client, run = _run(result.tracking_uri, "vsf")
+    assert run.data.params["model.name"] == "video_sparseformer_tiny"
+    assert run.data.metrics["model/params_m"] > 0.5 and run.data.metrics["model/gflops"] > 0
