@@ -43,7 +43,7 @@ class DataConfig:
     val: str = ""
     # When train/val are empty: build (if absent) and use the synthetic dataset of this preset.
     synthetic: Literal["", "smoke", "demo", "full"] = "demo"
-    synthetic_root: str = "~/.cache/glimpse/synthetic"
+    synthetic_root: str = "~/.cache/glimpse/synthetic"  # data of preset P goes to <root>/P/<kind>
     num_frames: int = 8
     stride: int = 2
     crop_size: int = 64

@@ -30,7 +30,9 @@ def resolve_sources(cfg: DataConfig) -> Sources:
             raise ValueError("data.train is empty and data.synthetic is off: give data.train=<shards>")
         from datasets.synthetic import ensure_synthetic
 
-        root = ensure_synthetic(Path(cfg.synthetic_root).expanduser(), kind=cfg.kind, preset=cfg.synthetic)
+        # One folder per preset: a root holds one synthetic preset, and smoke and demo runs share a cache.
+        root = ensure_synthetic(Path(cfg.synthetic_root).expanduser() / cfg.synthetic, kind=cfg.kind,
+                                preset=cfg.synthetic)
         train, val = str(root / "train"), str(root / "val")
 
     def absolute(src: str) -> str:

@@ -59,7 +59,7 @@ def eval_func(config: dict[str, Any]) -> None:
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     """Evaluate on Ray and log the summary to MLflow; returns the summary."""
-    import mlflow
+    from mlflow.tracking import MlflowClient
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -98,15 +98,18 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     trainer.fit()
     summary = json.loads(Path(output).read_text())
     try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(req.experiment)
-        with mlflow.start_run(run_name=f"eval {req.model}"):
-            mlflow.log_params({"model_uri": req.model, "data": data, "views": f"{views[0]}x{views[1]}",
-                               "aggregate": cfg.eval.aggregate})
-            mlflow.log_metrics({"eval/top1": summary["top1"], "eval/top5": summary["top5"],
-                                "eval/mean_class_accuracy": summary["mean_class_accuracy"],
-                                "eval/num_videos": summary["num_videos"]})
-            mlflow.log_dict(summary, "eval_results.json")
+        # The client API, not the fluent one: no process-wide active experiment or run is changed.
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(req.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(req.experiment)
+        run_id = client.create_run(exp_id, run_name=f"eval {req.model}").info.run_id
+        for key, value in {"model_uri": req.model, "data": data, "views": f"{views[0]}x{views[1]}",
+                           "aggregate": cfg.eval.aggregate}.items():
+            client.log_param(run_id, key, value)
+        for key in ("top1", "top5", "mean_class_accuracy", "num_videos"):
+            client.log_metric(run_id, f"eval/{key}", float(summary[key]))
+        client.log_dict(run_id, summary, "eval_results.json")
+        client.set_terminated(run_id)
     except Exception as exc:
         logger.error("could not log the evaluation to MLflow at %s: %s (results are in %s)", tracking_uri, exc, output)
     return summary

@@ -63,6 +63,10 @@ def log_final_model(tracker, model: nn.Module, cfg: ExperimentConfig, runtime: d
     try:
         run_id = tracker.ensure_run()
         mlflow.set_tracking_uri(tracker.tracking_uri)
+        # The fluent API refuses a run outside the process's active experiment (another job in this
+        # process may have set one): make the run's own experiment the active one.
+        mlflow.set_experiment(experiment_id=mlflow.tracking.MlflowClient(tracker.tracking_uri)
+                              .get_run(run_id).info.experiment_id)
         x = example_input(cfg)
         with torch.no_grad():
             y = model(x)

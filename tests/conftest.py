@@ -118,4 +118,4 @@ def synthetic_root(tmp_path_factory) -> Path:
 def smoke_video(synthetic_root) -> Path:
     from datasets.synthetic import ensure_synthetic
 
-    return ensure_synthetic(synthetic_root, kind="video", preset="smoke")
+    return ensure_synthetic(synthetic_root / "smoke", kind="video", preset="smoke")  # the pipeline's layout
