@@ -37,8 +37,8 @@ ATS across time (the ATS paper does not say how to sample video tokens; this is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -56,6 +56,7 @@ from models.ats import (
     set_ats_k,
     with_class_token,
 )
+from models.registry import build_video_model
 
 __all__ = [
     "check_video_input", "FrameAttention", "TokenState", "initial_state", "frame_key_mask", "masked_sdpa",
@@ -271,3 +272,32 @@ def fill_from_model(out: dict[str, Tensor], model: nn.Module, keys: Sequence[str
     for key in keys:
         out[key] = own[key].detach().clone()
 
+
+# --------------------------------------------------------------------------- variant construction
+
+
+def create_video_vit(model_cls: type[nn.Module], variant: str, cfgs: Mapping[str, dict[str, Any]],
+                     video_meta: Mapping[str, dict[str, Any]], **kwargs: Any) -> nn.Module:
+    """Build a TimeSformer / XViT variant: defaults from its cfg, then the video facts (frame stride,
+    the papers' 1 x 3 test views, frames, classes) added to ``pretrained_cfg``."""
+    cfg = cfgs[variant]
+    _, t, h, _ = cfg["input_size"]
+    kwargs.setdefault("num_frames", t)
+    kwargs.setdefault("img_size", h)
+    kwargs.setdefault("num_classes", cfg["num_classes"])
+    kwargs.pop("global_pool", None)
+    model = build_video_model(model_cls, variant, cfg, **kwargs)
+    meta = video_meta[variant.removesuffix("_ats")]
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **meta, "test_views": (1, 3),
+                                                "num_frames": model.num_frames, "num_classes": model.num_classes}
+    return model
+
+
+def vit_b_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """ViT-B/16 geometry (both video transformers start from an ImageNet ViT-B/16)."""
+    return {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs}
+
+
+def with_paper_ats_stages(kwargs: dict[str, Any], stages: Sequence[int]) -> dict[str, Any]:
+    """The paper's ATS stages; a reduced-depth (test) model keeps those that exist; explicit ats_stages win."""
+    return {"ats_stages": tuple(s for s in stages if s < kwargs.get("depth", 12)), **kwargs}

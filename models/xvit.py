@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.ats import DEFAULT_K_FLOOR, ATSSamplingMixin, ATSStageTrace, with_class_token
-from models.registry import build_video_model, register_glimpse
+from models.registry import register_glimpse
 from models.video_vit_common import (
     FrameAttention,
     TokenState,
@@ -52,12 +52,15 @@ from models.video_vit_common import (
     check_ats_stages,
     check_video_input,
     configure_ats,
+    create_video_vit,
     fill_from_model,
     frame_key_mask,
     gather_positions,
     initial_state,
     masked_sdpa,
+    vit_b_kwargs,
     vit_pos_embed_to_grid,
+    with_paper_ats_stages,
 )
 
 __all__ = ["XViT", "MixingAttention", "XViTBlock", "ATSXViTBlock", "TemporalAttentionAggregation",
@@ -437,26 +440,15 @@ ATS_STAGES = tuple(range(3, 12))
 
 
 def _create(variant: str, **kwargs: Any) -> XViT:
-    cfg = default_cfgs[variant]
-    _, t, h, _ = cfg["input_size"]
-    kwargs.setdefault("num_frames", t)
-    kwargs.setdefault("img_size", h)
-    kwargs.setdefault("num_classes", cfg["num_classes"])
-    kwargs.pop("global_pool", None)
-    model = build_video_model(XViT, variant, cfg, **kwargs)
-    meta = _VIDEO_META[variant.removesuffix("_ats")]
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **meta, "test_views": (1, 3),
-                                                "num_frames": model.num_frames, "num_classes": model.num_classes}
-    return model
+    return create_video_vit(XViT, variant, default_cfgs, _VIDEO_META, **kwargs)
 
 
 def _vit_b(**kwargs: Any) -> dict[str, Any]:
-    return {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs}
+    return vit_b_kwargs(**kwargs)
 
 
 def _with_ats(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # A reduced-depth (test) model keeps the paper's stages that exist; explicit ats_stages win.
-    return {"ats_stages": tuple(s for s in ATS_STAGES if s < kwargs.get("depth", 12)), **kwargs}
+    return with_paper_ats_stages(kwargs, ATS_STAGES)
 
 
 @register_glimpse
