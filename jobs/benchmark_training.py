@@ -19,11 +19,11 @@ from pipeline.benchmark import compare  # noqa: E402
 from pipeline.config import resolve_config  # noqa: E402
 from pipeline.presets import KINETICS_PRESETS  # noqa: E402
 
+# Two epochs or more, so that the measured window holds an epoch-end checkpoint and a data restart.
 PRESETS = {
-    "smoke": {"preset": "smoke", "rounds": 1, "overrides": ["train.epochs=1", "data.samples_per_epoch=64"]},
-    "demo": {"preset": "demo", "rounds": 2,
-             "overrides": ["train.epochs=1", "data.samples_per_epoch=480", "model.kwargs.widths=[16,32,64]"]},
-    "full": {"preset": "demo", "rounds": 3, "overrides": ["train.epochs=2"]},
+    "smoke": {"preset": "smoke", "rounds": 1, "overrides": ["train.epochs=2", "data.samples_per_epoch=96"]},
+    "demo": {"preset": "demo", "rounds": 2, "overrides": ["train.epochs=2", "data.samples_per_epoch=480"]},
+    "full": {"preset": "demo", "rounds": 3, "overrides": ["train.epochs=3"]},
 }
 
 

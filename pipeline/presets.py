@@ -18,8 +18,10 @@ _SMALL_VSF = {"img_size": 32, "num_frames": 8, "inflation": 4, "num_latent_token
               "depths": [4, 2], "num_heads": 8, "num_points": 16, "stem_dim": 32}
 
 KINETICS_PRESETS: dict[str, dict[str, Any]] = {
+    # A small VideoSparseFormer (latent tokens sampling the clip through RoI tubes): the whole path
+    # (data, Ray Train, checkpoints, evaluation, registry) in about a minute.
     "smoke": {
-        "model": {"name": "frame_tcn_tiny", "kwargs": {"widths": [8, 16]}},
+        "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
         "data": {**_SYNTH_VIDEO, "synthetic": "smoke", "crop_size": 32, "train_short_side_min": 32,
                  "train_short_side_max": 40, "eval_short_side": 32, "loader_workers": 0},
         "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
@@ -27,31 +29,32 @@ KINETICS_PRESETS: dict[str, dict[str, Any]] = {
         "cluster": {"num_workers": 1},
         "tracking": {"register": "glimpse-kinetics-smoke"},
     },
-    # Learns the synthetic motion classes (chance 1/8) in a few minutes on 2 CPU cores; see the README.
+    # The same small VideoSparseFormer learns the synthetic motion classes (chance 1/8) in a few
+    # minutes on 2 CPU cores: top-1 0.94 over 2x3 views after 8 epochs (README).
     "demo": {
-        "model": {"name": "conv3d_tiny"},
+        "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
         "data": {**_SYNTH_VIDEO, "synthetic": "demo", "crop_size": 32, "train_short_side_min": 32,
                  "train_short_side_max": 36, "eval_short_side": 32},
-        "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 3,
+        "train": {"epochs": 8, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 4,
                   "label_smoothing": 0.0},
         "eval": {"views": "2x3", "batch_size": 32},
         "cluster": {"num_workers": 2},
         "tracking": {"register": "glimpse-kinetics-demo"},
     },
-    # A small VideoSparseFormer (latent tokens sampling the clip through RoI tubes) on the synthetic clips.
-    "vsf_smoke": {
-        "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
+    # Baselines on the same data: a frame-level model (smoke) and an early-fusion 3D CNN (demo).
+    "baseline_smoke": {
+        "model": {"name": "frame_tcn_tiny", "kwargs": {"widths": [8, 16]}},
         "data": {**_SYNTH_VIDEO, "synthetic": "smoke", "crop_size": 32, "train_short_side_min": 32,
-                 "train_short_side_max": 36, "eval_short_side": 32, "loader_workers": 0},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
+                 "train_short_side_max": 40, "eval_short_side": 32, "loader_workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
         "eval": {"views": "2x1", "batch_size": 8},
         "cluster": {"num_workers": 1},
     },
-    "vsf_demo": {
-        "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
+    "conv3d_demo": {
+        "model": {"name": "conv3d_tiny"},
         "data": {**_SYNTH_VIDEO, "synthetic": "demo", "crop_size": 32, "train_short_side_min": 32,
                  "train_short_side_max": 36, "eval_short_side": 32},
-        "train": {"epochs": 8, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 4,
+        "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 3,
                   "label_smoothing": 0.0},
         "eval": {"views": "2x3", "batch_size": 32},
         "cluster": {"num_workers": 2},

@@ -4,6 +4,12 @@ Touch points: the worker's rank/device (``get_context``, ``get_device``), DDP (`
 ``get_checkpoint`` on (re)start, and ``report`` on every rank (it is a barrier). MLflow calls run on
 rank 0 only, through the buffered ``Tracker``.
 
+``report`` is called only with a checkpoint (every ``train.checkpoint_every`` steps and at epoch
+end), not at every log step: Ray Train keeps one unconsumed report per worker and its controller
+drains them every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), so a report more often than that
+stalls the step. Step metrics go to MLflow directly from rank 0 (``jobs/benchmark_training.py``
+measures what is left of Ray's overhead).
+
 Steps: the global step counts optimiser updates. A checkpoint holds the model, optimiser, scheduler,
 scaler, EMA, RNG states and the data position (epoch, batches done in it), so a restarted run
 continues at the next update: the step sequence has no gaps or repeats.
@@ -290,8 +296,6 @@ def train_func(config: dict[str, Any]) -> None:
                 seen_window, window_start, window_loss, window_correct, window_count = 0, time.perf_counter(), 0., 0, 0
                 if ckpt_now and not end_of_epoch:
                     save_and_report(metrics, final_of_epoch=False)
-                elif not end_of_epoch:
-                    ray.train.report({**metrics, "step": step, "epoch": epoch})  # RAY
                 if end_of_epoch:
                     if tcfg.val_every and (epoch + 1) % tcfg.val_every == 0 and epoch + 1 < tcfg.epochs:
                         summary = evaluate_model(ema.module if ema is not None else model, cfg, runtime["val"],

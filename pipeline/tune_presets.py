@@ -72,8 +72,7 @@ KINETICS_SWEEPS: dict[str, dict[str, Any]] = {
     "demo": {
         "base": "demo",
         "overrides": ["train.val_every=2", "cluster.num_workers=1"],
-        "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}, "model.name": {"choice": ["frame_tcn_tiny",
-                                                                                     "frame_tcn_small"]}},
+        "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}, "model.kwargs.inflation": {"choice": [1, 2, 4]}},
         "num_samples": 6, "asha": {"grace_period": 4, "reduction_factor": 2},
     },
     # SparseFormer Table 6: token inflation n_t of VideoSparseFormer-T on Kinetics-400.

@@ -18,7 +18,7 @@ def test_overrides_are_typed_and_nested():
     cfg = resolve_config(KINETICS_PRESETS, "smoke", ["train.epochs=7", "train.lr=0.5", "model.kwargs.img_size=64",
                                                      "tracking.aliases=a,b", "train.deterministic=true"])
     assert cfg.train.epochs == 7 and isinstance(cfg.train.lr, float) and cfg.train.lr == 0.5
-    assert cfg.model.kwargs["img_size"] == 64 and cfg.model.kwargs["widths"] == [8, 16]  # merged, not replaced
+    assert cfg.model.kwargs["img_size"] == 64 and cfg.model.kwargs["dims"] == [64, 128]  # merged, not replaced
     assert cfg.tracking.aliases == ("a", "b")
     assert cfg.train.deterministic is True
 
@@ -49,7 +49,7 @@ def test_flat_params_and_yaml_file(tmp_path):
     cfg = resolve_config(KINETICS_PRESETS, "smoke", ["train.epochs=5"], config_file=f)
     assert cfg.train.epochs == 5 and cfg.data.num_frames == 4  # overrides win over the file
     flat = cfg.flat()
-    assert flat["train.epochs"] == 5 and flat["model.name"] == "frame_tcn_tiny"
+    assert flat["train.epochs"] == 5 and flat["model.name"] == "video_sparseformer_tiny"
 
 
 def test_parse_helpers():

@@ -25,4 +25,4 @@ def test_jobs_win_over_a_foreign_datasets_package(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_kinetics.py"), "--preset", "smoke",
                            "--print-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "frame_tcn_tiny" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "video_sparseformer_tiny" in proc.stdout, proc.stderr[-2000:]

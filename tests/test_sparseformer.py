@@ -320,6 +320,16 @@ def test_params_table_1(name: str, target_m: float) -> None:
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(target_m, rel=0.03)
 
 
+@pytest.mark.parametrize(("n", "paper"), [(9, 0.5), (16, 0.8), (25, 1.1), (36, 1.6), (64, 2.7), (81, 3.3)])
+def test_paper_comparable_gflops_reproduce_table_3a(n: int, paper: float) -> None:
+    """Table 3a (SparseFormer-T with N latent tokens): our paper-comparable count rounds to the paper's
+    figure for every N but 49, where it gives 2.07 against Table 1's 2.0 (see the test below)."""
+    with torch.device("meta"):  # the hand count needs shapes only
+        model = create_model("sparseformer_tiny", num_latent_tokens=n)
+    total, mix = analytic_gflops(model, (3, 224, 224))
+    assert round(total - mix, 1) == pytest.approx(paper)
+
+
 def test_tiny_gflops_at_224_and_resolution_trend() -> None:
     torch.manual_seed(0)
     model = create_model("sparseformer_tiny")
