@@ -80,3 +80,23 @@ def build_dataset(cfg: DataConfig, source: str, *, train: bool, batch_size: int,
 
 def batch_inputs(batch: dict, kind: str):
     return batch["video"] if kind == "video" else batch["image"]
+
+
+def validation_inputs(cfg: DataConfig, source: str, max_samples: int, *, batch_size: int, seed: int = 0,
+                      mean=None, std=None) -> list:
+    """The first ``max_samples`` validation inputs (one centre view each) as a list of batches
+    ``(B, C, [T,] H, W)``: for GFLOPs averaging and the figures logged at the end of a run."""
+    from datasets.loader import make_loader
+
+    dataset = build_dataset(cfg, source, train=False, batch_size=batch_size, rank=0, world_size=1, seed=seed,
+                            views=(1, 1), mean=mean, std=std)
+    batches, seen = [], 0
+    for batch in make_loader(dataset, num_workers=0):
+        x = batch_inputs(batch, cfg.kind)[: max_samples - seen]
+        batches.append(x)
+        seen += x.shape[0]
+        if seen >= max_samples:
+            break
+    if not batches:
+        raise ValueError(f"validation source {source} gave no samples")
+    return batches

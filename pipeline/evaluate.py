@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
 
     tracking_uri = req.tracking_uri or default_tracking_uri("./runs")
     # Read the model's metadata once on the driver (data geometry, classes, default views).
-    _, meta = load_model(req.model, tracking_uri=tracking_uri)
+    model, meta = load_model(req.model, tracking_uri=tracking_uri)
     cfg = ExperimentConfig.from_dict(meta["experiment"])
     views = parse_views(req.views, key="--views") if req.views else \
         default_views(cfg.model.name, cfg.data.kind)
@@ -109,7 +110,24 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         for key in ("top1", "top5", "mean_class_accuracy", "num_videos"):
             client.log_metric(run_id, f"eval/{key}", float(summary[key]))
         client.log_dict(run_id, summary, "eval_results.json")
+        _log_eval_figures(client, run_id, model, cfg, data, summary)
         client.set_terminated(run_id)
     except Exception as exc:
         logger.error("could not log the evaluation to MLflow at %s: %s (results are in %s)", tracking_uri, exc, output)
     return summary
+
+
+def _log_eval_figures(client, run_id: str, model, cfg: ExperimentConfig, data: str, summary: dict[str, Any]) -> None:
+    """Per-class accuracy and, for models that sample, their geometry on a few inputs (``figures/``)."""
+    from pipeline.data import validation_inputs
+    from pipeline.modeling import input_normalization
+    from pipeline.visualize import log_figures, run_figures
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="glimpse-figures-") as tmp:
+            norm = input_normalization(model)
+            samples = validation_inputs(cfg.data, data, 4, batch_size=4, seed=cfg.train.seed, **norm)[0]
+            paths = run_figures(None, None, summary, model=model, samples=samples, out_dir=tmp, **norm)
+            log_figures(client, run_id, paths, root=tmp)
+    except Exception:
+        logger.warning("could not draw the evaluation's figures", exc_info=True)

@@ -47,6 +47,14 @@ def init_from_pretrained(model: nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:10]}")
 
 
+def input_normalization(model: nn.Module) -> dict[str, Any]:
+    """``{"mean", "std"}`` from the model's ``pretrained_cfg`` (what its data must be normalised with),
+    or ``{}`` for the data pipeline's default (ImageNet)."""
+    model = model.module if hasattr(model, "module") else model
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {"mean": cfg.get("mean"), "std": cfg.get("std")} if cfg.get("mean") else {}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD; no weight decay on biases, norms, and what the model lists in ``no_weight_decay``."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from pipeline import checkpointing
 from pipeline.config import ExperimentConfig
-from pipeline.data import batch_inputs, build_dataset
+from pipeline.data import batch_inputs, build_dataset, validation_inputs
 from pipeline.evaluation import gather_aggregators, run_views, summarize
 from pipeline.modeling import (
     autocast_dtype,
@@ -40,6 +40,7 @@ from pipeline.modeling import (
     build_optimizer,
     build_scheduler,
     count_model_cost,
+    input_normalization,
 )
 from pipeline.tracking import Tracker, environment_info
 
@@ -70,7 +71,7 @@ def evaluate_model(model: nn.Module, cfg: ExperimentConfig, source: str, *, view
     stats = DataStats()
     dataset = build_dataset(cfg.data, source, train=False, batch_size=cfg.eval.batch_size, rank=rank,
                             world_size=world_size, seed=cfg.train.seed, views=views, stats=stats,
-                            **_norm(model))
+                            **input_normalization(model))
     loader = make_loader(dataset, num_workers=cfg.data.loader_workers)
     agg, loss = run_views(model, loader, kind=cfg.data.kind, num_views=views[0] * views[1],
                           aggregate=cfg.eval.aggregate, device=device, autocast_dtype=amp, progress=rank == 0)
@@ -88,23 +89,13 @@ def measure_average_gflops(model: nn.Module, cfg: ExperimentConfig, source: str,
     """Average per-sample GFLOPs over the first ``max_samples`` validation samples (one view each),
     counting each sample's kept tokens (``models.flops.average_flops``; ATS section 3.2). Models
     without adaptive tokens cost the same on every input: they are counted once."""
-    from datasets.loader import make_loader
     from models.ats import ats_stages
     from models.flops import average_flops, count_flops
 
     model = _unwrap(model)
-    dataset = build_dataset(cfg.data, source, train=False, batch_size=cfg.eval.batch_size, rank=0, world_size=1,
-                            seed=cfg.train.seed, views=(1, 1), **_norm(model))
     device = next(model.parameters()).device
-    batches, seen = [], 0
-    for batch in make_loader(dataset, num_workers=0):
-        x = batch_inputs(batch, cfg.data.kind)[: max_samples - seen].to(device)  # (B, C, [T,] H, W)
-        batches.append(x)
-        seen += x.shape[0]
-        if seen >= max_samples:
-            break
-    if not batches:
-        raise ValueError(f"validation source {source} gave no samples to count GFLOPs on")
+    batches = [x.to(device) for x in validation_inputs(cfg.data, source, max_samples, batch_size=cfg.eval.batch_size,
+                                                        seed=cfg.train.seed, **input_normalization(model))]
     was_training = model.training
     try:
         if not ats_stages(model):
@@ -112,11 +103,6 @@ def measure_average_gflops(model: nn.Module, cfg: ExperimentConfig, source: str,
         return float(average_flops(model, batches))
     finally:
         model.train(was_training)
-
-
-def _norm(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(_unwrap(model), "pretrained_cfg", None) or {}
-    return {"mean": cfg.get("mean"), "std": cfg.get("std")} if cfg.get("mean") else {}
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -232,7 +218,7 @@ def train_func(config: dict[str, Any]) -> None:
         dataset = build_dataset(cfg.data, runtime["train"], train=True, batch_size=tcfg.batch_size, rank=rank,
                                 world_size=world_size, seed=tcfg.seed, epoch=epoch,
                                 samples_per_epoch=runtime["train_samples"], start_batch=batch_in_epoch, stats=stats,
-                                **_norm(model))
+                                **input_normalization(model))
         loader = make_loader(dataset, num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda")
         model.train()
         end_batch = updates_per_epoch * tcfg.accum_steps  # a tail shorter than accum_steps is not used
@@ -341,9 +327,29 @@ def train_func(config: dict[str, Any]) -> None:
         tracker.flush()
         if runtime.get("log_final_model", True):  # sweeps log only the model they select (pipeline.tune)
             log_final_model(tracker, _unwrap_for_logging(final_model), cfg, runtime, summary)
+            log_run_figures(tracker, _unwrap_for_logging(final_model), cfg, runtime["val"], summary, runtime["run_dir"])
         tracker.close()
     ray.train.report({**(summary and {k: v for k, v in summary.items() if isinstance(v, (int, float))} or {}),  # RAY
                       "step": step, "epoch": epoch, "done": 1})
+
+
+def log_run_figures(tracker: Tracker, model: nn.Module, cfg: ExperimentConfig, source: str,
+                    summary: dict[str, Any] | None, run_dir: str, max_samples: int = 4) -> None:
+    """Training curves, per-class accuracy and (for models that sample) the sampling geometry on a few
+    validation inputs, as PNGs under the run's ``figures/`` artifacts (``pipeline.visualize``). The
+    model is already logged: a figure that cannot be drawn costs a warning, never the run."""
+    from pipeline.visualize import log_figures, run_figures
+
+    out = Path(run_dir) / "figures" if "://" not in run_dir else Path(tempfile.mkdtemp(prefix="glimpse-figures-"))
+    try:
+        samples = validation_inputs(cfg.data, source, max_samples, batch_size=max_samples, seed=cfg.train.seed,
+                                    **input_normalization(model))[0]
+        paths = run_figures(tracker, None, summary, model=model, samples=samples, out_dir=out, max_samples=max_samples,
+                            **input_normalization(model))
+        log_figures(tracker, None, paths, root=out)
+        logger.info("logged %d figures (%s)", len(paths), out)
+    except Exception:
+        logger.warning("could not draw the run's figures", exc_info=True)
 
 
 def _unwrap_for_logging(model: nn.Module) -> nn.Module:

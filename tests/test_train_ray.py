@@ -68,6 +68,10 @@ def test_job_submit_end_to_end(tmp_path, synthetic_root, ray_cluster):
     assert version.run_id == run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "eval_results.json" in artifacts
+    # The run's pictures: curves, per-class accuracy, and the VideoSparseFormer's tubes and points per frame.
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/training_curves.png", "figures/per_class_accuracy.png", "figures/geometry"} <= figures
+    assert client.list_artifacts(run.info.run_id, "figures/geometry"), "no geometry figures logged"
 
 
 def test_resume_gives_identical_weights(tmp_path, synthetic_root, ray_cluster):
@@ -125,6 +129,9 @@ def test_registry_on_a_real_mlflow_server(tmp_path, synthetic_root, ray_cluster,
                                          output=str(tmp_path / "eval.json"), address=ray_cluster["address"]))
     assert summary["top1"] == pytest.approx(logged_top1, abs=1e-6)
     assert json.loads((tmp_path / "eval.json").read_text())["num_videos"] == summary["num_videos"]
+    eval_exp = client.get_experiment_by_name("glimpse-eval")
+    eval_run = client.search_runs([eval_exp.experiment_id], filter_string="attributes.run_name LIKE 'eval %'")[0]
+    assert "figures/per_class_accuracy.png" in {a.path for a in client.list_artifacts(eval_run.info.run_id, "figures")}
     # MLflow's own loader (a torch.export program, no pickle) gives the same network.
     import mlflow.pytorch
 

@@ -1,0 +1,367 @@
+"""Command line of ``jobs/visualize.py``: load a model, prepare inputs, write the figures of
+:mod:`pipeline.visualize`, print their paths.
+
+Models: a registered Glimpse / MLflow model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+``runs:/ID/model``), a training checkpoint or ``final_model`` folder, a weights file with ``--model-name``,
+or just ``--model-name`` (random weights; the presets build small random models of every family).
+Inputs: image files, video files, or synthetic samples (the digits of :mod:`datasets.synthetic`, rendered
+at the model's input size: the same generator as the synthetic shards' validation split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger("glimpse.visualize")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+# Small random models of every family with geometry: (name, kwargs, perturb). Random weights: the figures
+# show the mechanics, not a trained model's attention. ``perturb`` (see perturb_zero_weights) makes the
+# zero-initialised geometry layers move points by roughly a tenth of the image (measured per model).
+_SMOKE_MODELS: tuple[tuple[str, dict[str, Any], float], ...] = (
+    ("sparseformer_tiny", dict(img_size=64, num_latent_tokens=16, dims=(32, 64), depths=(4, 1), num_points=9,
+                               num_heads=4, num_classes=10), 0.5),
+    ("psvit_ti_14", dict(img_size=64, embed_dim=32, depth=2, num_heads=2, num_points=8, num_iters=4,
+                         stem_widths=(32, 32), num_classes=10), 0.3),
+    ("deit_small_ats", dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=4, ats_stages=(1, 3, 5),
+                            ats_ratio=0.6, num_classes=10), 0.0),
+    ("video_sparseformer_tiny", dict(img_size=32, num_frames=8, inflation=2, num_latent_tokens=9, dims=(32, 64),
+                                     depths=(4, 1), num_points=9, num_heads=4, num_classes=8), 0.3),
+    ("timesformer_base_ats", dict(img_size=32, patch_size=8, num_frames=8, embed_dim=64, depth=6, num_heads=4,
+                                  ats_ratio=0.6, num_classes=8), 0.0),
+)
+_DEMO_MODELS: tuple[tuple[str, dict[str, Any], float], ...] = (
+    ("sparseformer_tiny", dict(num_classes=10), 1.5),
+    ("psvit_ti_14", dict(num_classes=10), 8.0),
+    ("deit_small_ats", dict(ats_ratio=0.8, num_classes=10), 0.0),
+    ("psvit_b_14_ats", dict(ats_ratio=0.8, num_classes=10), 2.5),
+    ("video_sparseformer_tiny", dict(img_size=112, num_frames=8, inflation=4, num_classes=8), 1.0),
+    ("timesformer_base_ats", dict(img_size=112, num_frames=8, embed_dim=192, depth=6, num_heads=3, ats_ratio=0.7,
+                                  num_classes=8), 0.0),
+    ("xvit_8_ats", dict(img_size=112, num_frames=8, embed_dim=192, depth=6, num_heads=3, ats_ratio=0.8,
+                        num_classes=8), 0.0),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    models: tuple[tuple[str, dict[str, Any], float], ...]
+    samples: int  # synthetic inputs per model
+    figures: int  # inputs drawn one by one (the kept-token histogram uses all)
+
+
+PRESETS = {
+    "smoke": Preset(models=_SMOKE_MODELS, samples=2, figures=2),
+    "demo": Preset(models=_DEMO_MODELS, samples=8, figures=3),
+}
+
+
+class UsageError(ValueError):
+    """A user input the job refuses (exit status 2, one line on stderr)."""
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``["img_size=64", "dims=(32, 64)"]`` -> kwargs (Python literals, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def perturb_zero_weights(model: nn.Module, std: float, seed: int = 0) -> int:
+    """Give every all-zero weight matrix (PS-ViT offset layers, SparseFormer RoI / offset layers, ...) values
+    from N(0, (std / sqrt(fan_in))^2), so a random model moves its sampling points. Returns how many tensors
+    changed. For pictures of random models only: it changes what the model computes."""
+    if std <= 0:
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * (std / p.shape[-1] ** 0.5))
+                changed += 1
+    return changed
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from pipeline.tracking import default_tracking_uri
+
+    return args.tracking_uri or default_tracking_uri("./runs")
+
+
+def load_cli_models(args: argparse.Namespace, preset: Preset) -> list[tuple[str, nn.Module]]:
+    """(label, model) pairs to draw, from ``--model`` / ``--model-name`` or the preset."""
+    from models import create_model
+    from pipeline.visualize import safe_label
+
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.model:
+        from pipeline import checkpointing
+        from pipeline.model_store import STATE_NAME, load_model
+
+        src = args.model
+        path = Path(src).expanduser()
+        registry = src.startswith(("models:/", "runs:/"))
+        if registry or path.is_dir():
+            if args.model_name or kwargs:
+                raise UsageError(f"--model {src} names its own architecture: drop --model-name / --model-kwargs")
+            model, _ = load_model(src, tracking_uri=_tracking_uri(args)) if registry else load_model(str(path))
+        elif path.is_file():
+            if path.name in (STATE_NAME, checkpointing.STATE_FILE):
+                model, _ = load_model(str(path.parent))
+            elif not args.model_name:
+                raise UsageError(f"--model {src} is a weights file: give --model-name (its architecture) too")
+            else:
+                model = create_model(args.model_name, checkpoint_path=str(path), **kwargs)
+        else:
+            raise UsageError(f"--model {src}: no such file or folder (give a checkpoint folder, a weights file "
+                             "with --model-name, models:/NAME@ALIAS or models:/NAME/VERSION)")
+        label = safe_label(src if registry else path.name)
+        return [(label, model.eval())]
+    if args.model_name:
+        model = create_model(args.model_name, **kwargs).eval()
+        perturb_zero_weights(model, args.perturb_init or 0.0, args.seed)
+        return [(args.model_name, model)]
+    out = []
+    for name, preset_kwargs, perturb in preset.models:
+        torch.manual_seed(args.seed)
+        model = create_model(name, **{**preset_kwargs, **kwargs}).eval()
+        perturb_zero_weights(model, perturb if args.perturb_init is None else args.perturb_init, args.seed)
+        out.append((name, model))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def _fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize ``(N, 3, h, w)`` uint8 frames to cover ``height x width`` (aspect kept) and centre-crop."""
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6)))
+    if size != (h, w):
+        x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def _normalise(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` -> float, normalised per channel."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (frames.float() / 255 - m) / s
+
+
+def _model_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from pipeline.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+
+
+def load_file_inputs(paths: Sequence[str], shape: Sequence[int], mean, std) -> torch.Tensor:
+    """Image or video files -> a model input batch of ``shape`` ((3, H, W) or (3, T, H, W)) per sample.
+
+    Images are resized to cover H x W and centre-cropped; a video gives T frames spread uniformly over its
+    whole length, resized and cropped the same way.
+    """
+    from PIL import Image
+
+    from datasets.video import decode_frames, num_frames
+
+    video = len(shape) == 4
+    height, width = shape[-2:]
+    out = []
+    for p in paths:
+        path = Path(p)
+        ext = path.suffix.lower()
+        if not path.is_file():
+            raise UsageError(f"input {p}: no such file")
+        if ext not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+            raise UsageError(f"input {p}: unknown type {ext!r} (images: {', '.join(IMAGE_EXTENSIONS)}; "
+                             f"videos: {', '.join(VIDEO_EXTENSIONS)})")
+        if video != (ext in VIDEO_EXTENSIONS):
+            need = "video files (a video model)" if video else "image files (an image model)"
+            raise UsageError(f"input {p}: the model takes {need}")
+        if video:
+            data = path.read_bytes()
+            n = num_frames(data)
+            idx = np.floor((np.arange(shape[1]) + 0.5) * n / shape[1]).astype(int).clip(0, n - 1)  # segment centres
+            frames = torch.from_numpy(decode_frames(data, idx)).permute(0, 3, 1, 2)  # (T, 3, h, w)
+            out.append(_normalise(_fit(frames, height, width), mean, std).transpose(0, 1))  # (3, T, H, W)
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+            frames = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # (1, 3, h, w)
+            out.append(_normalise(_fit(frames, height, width), mean, std)[0])  # (3, H, W)
+    return torch.stack(out)
+
+
+def synthetic_inputs(count: int, shape: Sequence[int], mean, std, seed: int = 0) -> torch.Tensor:
+    """``count`` synthetic digits (images) or moving digits (clips) rendered at the model's input size, from
+    the generator of the synthetic datasets' validation split (classes in turn)."""
+    from datasets.synthetic import VIDEO_PRESETS, render_digit_image, render_moving_digit, sample_rng
+
+    video = len(shape) == 4
+    height, width = shape[-2:]
+    size = max(height, width)
+    out = []
+    for i in range(count):
+        if video:
+            rng = sample_rng(seed, "video", "val", i)
+            frames, _, _ = render_moving_digit(i % 8, rng, size, shape[1], VIDEO_PRESETS["demo"].distractor_speed)
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, S, S)
+            out.append(_normalise(_fit(x, height, width), mean, std).transpose(0, 1))
+        else:
+            rng = sample_rng(seed, "image", "val", i)
+            x = torch.from_numpy(render_digit_image(i % 10, rng, size)).permute(2, 0, 1)[None]
+            out.append(_normalise(_fit(x, height, width), mean, std)[0])
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+def draw_model(label: str, model: nn.Module, args: argparse.Namespace, preset: Preset, out: Path) -> list[Path]:
+    from models.ats import ats_stages, set_ats_k
+    from models.flops import model_input_shape
+    from pipeline.visualize import collect_kept_counts, geometry_family, geometry_figures
+
+    geometry_family(model)  # refuse models without geometry before reading any input
+    if args.ats_k is not None or args.ats_ratio is not None:
+        try:
+            set_ats_k(model, k=args.ats_k, ratio=args.ats_ratio)
+        except ValueError as exc:
+            raise UsageError(f"{label}: {exc}") from exc
+    shape = model_input_shape(model)
+    mean, std = _model_norm(model)
+    if args.inputs:
+        x = load_file_inputs(args.inputs, shape, mean, std)
+    else:
+        x = synthetic_inputs(args.synthetic or preset.samples, shape, mean, std, args.seed)
+    figures = min(args.figures or preset.figures, x.shape[0])
+    logger.info("%s: %d inputs of shape %s, %d drawn one by one", label, x.shape[0], tuple(x.shape[1:]), figures)
+    counts = None
+    if x.shape[0] > figures and ats_stages(model):  # the histogram over every input, the masks for a few
+        counts = collect_kept_counts(model, x.split(8))
+    return geometry_figures(model, x, out / label, mean=mean, std=std, max_samples=figures, dpi=args.dpi,
+                            max_frames=args.max_frames, kept_counts=counts)
+
+
+def draw_run(args: argparse.Namespace, out: Path) -> list[Path]:
+    """Training curves and the per-class accuracy of an MLflow run (its ``eval_results.json``)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.visualize import run_figures
+
+    client = MlflowClient(tracking_uri=_tracking_uri(args))
+    summary = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            summary = json.loads(Path(client.download_artifacts(args.run_id, "eval_results.json", tmp)).read_text())
+        except Exception as exc:  # no evaluation logged: curves only
+            logger.info("run %s has no eval_results.json (%s): no per-class figure", args.run_id, type(exc).__name__)
+    return run_figures(client, args.run_id, summary, out_dir=out / safe_run_label(args.run_id), dpi=args.dpi)
+
+
+def safe_run_label(run_id: str) -> str:
+    from pipeline.visualize import safe_label
+
+    return f"run_{safe_label(run_id)}"
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="without --model / --model-name / --run-id the preset's small random "
+                                       "models of every family are drawn")
+    p.add_argument("inputs", nargs="*", help="image files (jpg, png, ...) or video files (mp4, ...); "
+                                             "default: synthetic digits rendered at the model's input size")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
+                   help="smoke: tiny random models, 2 inputs (< 2 min); demo (default): paper-size image models "
+                        "and small video models, 8 inputs")
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a checkpoint "
+                                   "or final_model folder, or a weights file (with --model-name)")
+    p.add_argument("--model-name", help="registered model name (models.list_models()); random weights unless "
+                                        "--model gives a weights file")
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="constructor overrides with --model-name, e.g. img_size=64 num_frames=8 (takes every "
+                        "following word: give input files before it or after another option)")
+    p.add_argument("--tracking-uri", default="", help="MLflow (default MLFLOW_TRACKING_URI or ./runs/mlflow.db)")
+    p.add_argument("--run-id", help="also draw this MLflow run's training curves and per-class accuracy")
+    p.add_argument("--log-to-run", action="store_true", help="attach the PNGs to --run-id under figures/")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="synthetic inputs (default: the preset's)")
+    p.add_argument("--figures", type=int, default=0, metavar="N",
+                   help="inputs drawn one by one (default: the preset's); the ATS histogram uses all inputs")
+    p.add_argument("--ats-ratio", type=float, help="ATS K as a ratio of each stage's input tokens (inference knob)")
+    p.add_argument("--ats-k", type=int, help="ATS K as a count for every stage")
+    p.add_argument("--perturb-init", type=float, default=None, metavar="STD",
+                   help="random weights only: give all-zero weight matrices N(0, STD) values so sampling points "
+                        "move (default: the preset's for preset models, 0 with --model-name)")
+    p.add_argument("--max-frames", type=int, default=8, help="frames per clip shown (evenly spaced)")
+    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="figures", help="output folder (one subfolder per model)")
+    return p
+
+
+def run_visualize_job(argv: Sequence[str] | None, description: str) -> int:
+    """Parse, draw, print each PNG path. Exit 0 on success, 2 on refused input (one ``error:`` line)."""
+    args = build_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    out = Path(args.out).expanduser()
+    try:
+        if args.log_to_run and not args.run_id:
+            raise UsageError("--log-to-run needs --run-id")
+        paths: list[Path] = []
+        if args.run_id:
+            paths += draw_run(args, out)
+        if args.model or args.model_name or not args.run_id:
+            for label, model in load_cli_models(args, preset):
+                paths += draw_model(label, model, args, preset, out)
+        if args.log_to_run:
+            from pipeline.visualize import log_figures
+
+            log_figures(_tracking_uri(args), args.run_id, paths, root=out)
+    except (ValueError, FileNotFoundError) as exc:  # UsageError, no geometry, unknown model, bad kwargs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an unknown registered model or run: say which, no traceback
+        if type(exc).__name__ in ("MlflowException", "RestException"):
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    for p in paths:
+        print(os.fspath(p), flush=True)
+    return 0
