@@ -22,7 +22,7 @@ from pipeline.presets import KINETICS_PRESETS  # noqa: E402
 # Two epochs or more, so that the measured window holds an epoch-end checkpoint and a data restart.
 PRESETS = {
     "smoke": {"preset": "smoke", "rounds": 1, "overrides": ["train.epochs=2", "data.samples_per_epoch=96"]},
-    "demo": {"preset": "demo", "rounds": 2, "overrides": ["train.epochs=2", "data.samples_per_epoch=480"]},
+    "demo": {"preset": "demo", "rounds": 3, "overrides": ["train.epochs=2", "data.samples_per_epoch=480"]},
     "full": {"preset": "demo", "rounds": 3, "overrides": ["train.epochs=3"]},
 }
 

@@ -2,9 +2,9 @@
 
 Both run the same model, data pipeline, batch size, optimiser and thread count, in one process
 invocation, alternating over rounds (these machines are noisy). The Ray figure is taken from the
-timestamps of the run's own step metrics (first to last logged step), so it includes every
-``report`` barrier and data-loader restart that training pays; the plain figure is timed over the
-same steps.
+timestamps of the run's own step metrics (first to last logged step), so it includes the
+checkpoints, ``report`` barriers, MLflow flushes and data-loader restarts that training pays; the
+plain figure is timed over the same steps.
 """
 
 from __future__ import annotations
@@ -79,18 +79,47 @@ def ray_loop(cfg: ExperimentConfig, name: str) -> tuple[float, int]:
     return samples / ((last.timestamp - first.timestamp) / 1000.0), last.step
 
 
-def compare(cfg: ExperimentConfig, rounds: int, run_prefix: str) -> dict[str, Any]:
-    """Alternate Ray and plain measurements over ``rounds``; medians and their ratio."""
+def _settle_ray(cfg: ExperimentConfig, seconds: float) -> None:
+    """Start (or join) Ray and wait while its own processes finish starting (dashboard, agents): on a
+    2-core machine they take CPU from the first measured steps, a one-off cost of starting Ray, not
+    of training on it."""
+    from pipeline.launcher import init_ray
+
+    init_ray(cfg.cluster.address)
+    time.sleep(seconds)
+
+
+def compare(cfg: ExperimentConfig, rounds: int, run_prefix: str, settle_s: float = 20.0) -> dict[str, Any]:
+    """Alternate Ray and plain measurements over ``rounds`` (order swapped every round so drift in the
+    machine's load falls on both); the median of the per-round ratios, and the medians of the rates."""
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    ray_rates, plain_rates = [], []
+    _settle_ray(cfg, settle_s)
+    ray_rates, plain_rates, ratios = [], [], []
+    warmup = cfg.train.log_every  # the Ray figure starts at the first logged step
     for r in range(rounds):
-        rate, steps = ray_loop(cfg, f"{run_prefix}-{r}")
-        ray_rates.append(rate)
-        warmup = cfg.train.log_every  # the Ray figure starts at the first logged step
-        plain_rates.append(plain_loop(cfg, steps - warmup, warmup))
-        print(f"round {r}: ray {ray_rates[-1]:.1f} samples/s, plain {plain_rates[-1]:.1f} samples/s", flush=True)
-    ray_med, plain_med = statistics.median(ray_rates), statistics.median(plain_rates)
+        if r % 2 == 0:
+            ray_rate, steps = ray_loop(cfg, f"{run_prefix}-{r}")
+            plain_rate = plain_loop(cfg, steps - warmup, warmup)
+        else:
+            steps = cfg.train.epochs * _steps_per_epoch(cfg)
+            plain_rate = plain_loop(cfg, steps - warmup, warmup)
+            ray_rate, ray_steps = ray_loop(cfg, f"{run_prefix}-{r}")
+            if ray_steps != steps:
+                raise RuntimeError(f"Ray run did {ray_steps} updates, the plain loop {steps}")
+        ray_rates.append(ray_rate)
+        plain_rates.append(plain_rate)
+        ratios.append(ray_rate / plain_rate)
+        print(f"round {r}: ray {ray_rate:.1f} samples/s, plain {plain_rate:.1f} samples/s, "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    ratio = statistics.median(ratios)
     return {"model": cfg.model.name, "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
-            "rounds": rounds, "ray_samples_per_s": ray_med, "plain_samples_per_s": plain_med,
-            "ratio_ray_over_plain": ray_med / plain_med, "overhead": 1 - ray_med / plain_med,
-            "ray_all": ray_rates, "plain_all": plain_rates}
+            "rounds": rounds, "steps": steps, "ray_samples_per_s": statistics.median(ray_rates),
+            "plain_samples_per_s": statistics.median(plain_rates), "ratio_ray_over_plain": ratio,
+            "overhead": 1 - ratio, "ratios": ratios, "ray_all": ray_rates, "plain_all": plain_rates}
+
+
+def _steps_per_epoch(cfg: ExperimentConfig) -> int:
+    src = resolve_sources(cfg.data)
+    dataset = build_dataset(cfg.data, src.train, train=True, batch_size=cfg.train.batch_size, rank=0, world_size=1,
+                            seed=cfg.train.seed, samples_per_epoch=src.train_samples)
+    return dataset.steps_per_epoch // cfg.train.accum_steps
