@@ -57,6 +57,7 @@ DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform")
 K_KEYS = ("ats.ratio", "ats.k")
 METRIC, MODE = "val/top1", "max"
 TIME_ATTR = "epochs_done"
+TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer, whose workers hold the real CPUs
 K_EVAL_FILE = "k_eval.json"  # reported by the training loop at every epoch end (1-based)
 SWEEP_KEYS = {"base", "overrides", "space", "num_samples", "max_concurrent", "asha", "needs_model", "model",
               "gflops_samples", "metric"}
@@ -565,7 +566,9 @@ def _max_concurrent(spec: SweepSpec) -> int:
         return spec.max_concurrent
     c = spec.base.cluster
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // max(c.num_workers * c.cpus_per_worker, 1e-9)))
+    # A trial holds its own token CPU share besides its workers' CPUs: counting it matters, as a trial
+    # whose workers cannot be placed fails after Ray Train's 60 s worker-group startup timeout.
+    return max(1, int(cpus // (c.num_workers * c.cpus_per_worker + TRIAL_CPU)))
 
 
 def _rows_from_results(results, spec: SweepSpec, name: str) -> tuple[list[dict[str, Any]], int]:
@@ -745,7 +748,7 @@ def run_sweep(spec: SweepSpec, *, name: str = "", resume: bool = False, select: 
 
     # The trial function only waits on its TorchTrainer, whose workers reserve the CPUs/GPUs; Tune
     # refuses an empty resource request, so the trial itself takes a token share of one CPU.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, static=static), {"cpu": 0.01})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, static=static), {"cpu": TRIAL_CPU})
     if resume:
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, param_space=param_space)
