@@ -73,7 +73,10 @@ def ray_cluster():
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
            "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats",
            "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
-    subprocess.run(cmd, check=True, env=service_env(), capture_output=True, timeout=120)
+    # Every daemon and worker of this cluster inherits the marker variable: teardown stops exactly
+    # them (`ray stop` would stop every Ray on the machine, a developer's own included).
+    subprocess.run(cmd, check=True, env={**service_env(), "GLIMPSE_TEST_RAY": temp_dir}, capture_output=True,
+                   timeout=120)
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
     try:
         _wait_http(f"{info['dashboard']}/api/version", 90, token=token)
@@ -81,8 +84,45 @@ def ray_cluster():
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=service_env(), capture_output=True, timeout=120)
+        stop_own_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _own_ray_pids(temp_dir: str) -> list[int]:
+    """Processes of the Ray cluster started with ``temp_dir``: by the marker in their environment or
+    the temp dir on their command line (Ray's daemons and workers inherit both from ``ray start``)."""
+    import psutil
+
+    marker = f"GLIMPSE_TEST_RAY={temp_dir}".encode()
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            environ = Path(f"/proc/{p.pid}/environ").read_bytes()
+        except OSError:
+            environ = b""
+        if marker in environ.split(b"\0") or any(temp_dir in arg for arg in p.info["cmdline"] or ()):
+            pids.append(p.pid)
+    return pids
+
+
+def stop_own_ray(temp_dir: str, grace: float = 15.0) -> None:
+    """SIGTERM this session's Ray cluster, SIGKILL what is left after ``grace`` seconds."""
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in _own_ray_pids(temp_dir) if psutil.pid_exists(pid)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")
