@@ -334,18 +334,24 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def log_run_figures(tracker: Tracker, model: nn.Module, cfg: ExperimentConfig, source: str,
-                    summary: dict[str, Any] | None, run_dir: str, max_samples: int = 4) -> None:
-    """Training curves, per-class accuracy and (for models that sample) the sampling geometry on a few
-    validation inputs, as PNGs under the run's ``figures/`` artifacts (``pipeline.visualize``). The
-    model is already logged: a figure that cannot be drawn costs a warning, never the run."""
-    from pipeline.visualize import log_figures, run_figures
+                    summary: dict[str, Any] | None, run_dir: str, max_samples: int = 4,
+                    count_samples: int = 32) -> None:
+    """Training curves, per-class accuracy and (for models that sample) the sampling geometry on
+    ``max_samples`` validation inputs, with ATS's K' histogram over ``count_samples`` (ATS Fig. 6), as
+    PNGs under the run's ``figures/`` artifacts (``pipeline.visualize``). The model is already logged:
+    a figure that cannot be drawn costs a warning, never the run."""
+    from models.ats import ats_stages
+    from pipeline.visualize import collect_kept_counts, log_figures, run_figures
 
     out = Path(run_dir) / "figures" if "://" not in run_dir else Path(tempfile.mkdtemp(prefix="glimpse-figures-"))
     try:
-        samples = validation_inputs(cfg.data, source, max_samples, batch_size=max_samples, seed=cfg.train.seed,
-                                    **input_normalization(model))[0]
-        paths = run_figures(tracker, None, summary, model=model, samples=samples, out_dir=out, max_samples=max_samples,
-                            **input_normalization(model))
+        norm = input_normalization(model)
+        has_ats = bool(ats_stages(model))
+        batches = validation_inputs(cfg.data, source, count_samples if has_ats else max_samples,
+                                    batch_size=max_samples, seed=cfg.train.seed, **norm)
+        kept = collect_kept_counts(model, batches) if has_ats else None
+        paths = run_figures(tracker, None, summary, model=model, samples=batches[0], out_dir=out,
+                            max_samples=max_samples, kept_counts=kept, **norm)
         log_figures(tracker, None, paths, root=out)
         logger.info("logged %d figures (%s)", len(paths), out)
     except Exception:

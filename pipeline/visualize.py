@@ -818,7 +818,7 @@ def run_figures(tracker_or_client: Any, run_id: str | None, summary: Mapping[str
                 model: nn.Module | None = None, samples: Tensor | Mapping[str, Any] | None = None,
                 out_dir: str | Path = "figures", *, metrics: Sequence[str] | None = DEFAULT_CURVE_METRICS,
                 max_samples: int = 4, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                dpi: int = 100) -> list[Path]:
+                dpi: int = 100, kept_counts: Mapping[int, Sequence[int]] | None = None) -> list[Path]:
     """The figures of a finished run, written to ``out_dir``; returns the PNG paths.
 
     * ``training_curves.png`` from the run's metric history (``tracker_or_client``: a Glimpse ``Tracker``,
@@ -828,6 +828,7 @@ def run_figures(tracker_or_client: Any, run_id: str | None, summary: Mapping[str
       None or without ``per_class``);
     * the geometry figures of :func:`geometry_figures` (prefix ``geometry/``) when ``model`` and ``samples``
       are given AND the model has sampling geometry; other models are skipped silently (logged at INFO).
+      ``kept_counts`` (:func:`collect_kept_counts` over more inputs) feeds the ATS K' histogram.
 
     Attach them to the run with ``log_figures(tracker_or_client, run_id, paths, root=out_dir)``.
     """
@@ -845,7 +846,7 @@ def run_figures(tracker_or_client: Any, run_id: str | None, summary: Mapping[str
     if model is not None and samples is not None:
         if has_sampling_geometry(model):
             paths += geometry_figures(model, samples, out / "geometry", mean=mean, std=std, max_samples=max_samples,
-                                      dpi=dpi)
+                                      dpi=dpi, kept_counts=kept_counts)
         else:
             logger.info("no geometry figures: %s has no sampling geometry", type(_unwrap(model)).__name__)
     return paths

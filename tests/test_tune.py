@@ -77,6 +77,8 @@ def test_asha_sweep_tracks_selects_and_registers(asha_sweep):
         assert run.data.tags["glimpse.checkpoint"] == r["checkpoint"]  # the child references its checkpoint
         assert run.data.metrics[f"eval/top1/{r['setting']}"] == pytest.approx(r["top1"])
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]  # metrics by step
+        geometry = {a.path for a in client.list_artifacts(run.info.run_id, "figures/geometry")}
+        assert "figures/geometry/ats_kept_counts.png" in geometry  # ATS Fig. 6 over validation inputs
     for r in result.rows:
         if r["status"] == "stopped":
             assert by_status[r["trial_id"]].info.status == "KILLED"
