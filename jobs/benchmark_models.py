@@ -22,7 +22,6 @@ DeiT-S file (ATS keeps fewer tokens, K' < K, on trained weights and real images)
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702,I001
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 
@@ -32,6 +31,7 @@ import models  # noqa: E402
 from models.ats import set_ats_k  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.flops import average_flops, count_flops, example_input, measure_throughput, model_input_shape  # noqa: E402
+from pipeline.config import ConfigError, parse_key_values  # noqa: E402
 
 # Figures from the papers (GFLOPs per view, fvcore convention), printed beside ours.
 PAPER_GFLOPS = {
@@ -55,17 +55,11 @@ EFFICIENCY_AIM, OVERHEAD_AIM = 0.85, 0.10
 
 
 def parse_model_kwargs(items: list[str]) -> dict:
-    """``["img_size=384", "num_frames=8", "global_pool=avg"]`` -> kwargs (Python literals, else strings)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--model-kwargs expects key=value, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    """``--model-kwargs`` items -> kwargs (Python literals, else strings)."""
+    try:
+        return parse_key_values(items)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _shape_str(shape: tuple) -> str:

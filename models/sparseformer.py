@@ -48,6 +48,7 @@ from torch import Tensor
 from models.checkpoint import CheckpointMismatchError, load_checkpoint
 from models.point_sampling import sample_points
 from models.registry import register_glimpse
+from models.weight_init import init_linear_and_norm_
 
 __all__ = [
     "SparseFormer", "SparseFormerBlock", "SparseSampler", "AdaptiveMixing", "MixingMatmuls", "SamplingOffsets",
@@ -460,14 +461,7 @@ class SparseFormer(nn.Module):
 
     def init_weights(self) -> None:
         """Appendix A.3: linear layers trunc-normal(0.02) with zero bias, then the geometry-specific inits."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
         for m in self.modules():
             if isinstance(m, SparseSampler):
                 m.init_weights()

@@ -62,6 +62,7 @@ from models.video_vit_common import (
     vit_pos_embed_to_grid,
     with_paper_ats_stages,
 )
+from models.weight_init import init_linear_and_norm_
 
 __all__ = ["XViT", "MixingAttention", "XViTBlock", "ATSXViTBlock", "TemporalAttentionAggregation",
            "mix_time", "checkpoint_filter_fn", "analytic_flops"]
@@ -267,14 +268,7 @@ class XViT(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
 
     # timm contract --------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -9,6 +9,7 @@ and stored in every checkpoint. Nothing mutates a resolved config (STYLE.md #16)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import types
@@ -251,6 +252,20 @@ def _validate(obj: Any, prefix: str) -> None:
                           f"{prefix}train_short_side_max ({obj.train_short_side_max})")
     if isinstance(obj, EvalConfig) and obj.views:
         parse_views(obj.views, key=f"{prefix}views")
+
+
+def parse_key_values(items: Sequence[str], option: str = "--model-kwargs") -> dict[str, Any]:
+    """``["img_size=64", "dims=(32, 64)", "global_pool=avg"]`` -> kwargs: Python literals, else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def parse_views(text: str, key: str = "eval.views") -> tuple[int, int]:

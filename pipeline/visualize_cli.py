@@ -11,7 +11,6 @@ at the model's input size: the same generator as the synthetic shards' validatio
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import math
@@ -81,17 +80,13 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------- models
 
 def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
-    """``["img_size=64", "dims=(32, 64)"]`` -> kwargs (Python literals, else strings)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    """``--model-kwargs`` items -> kwargs (:func:`pipeline.config.parse_key_values`)."""
+    from pipeline.config import ConfigError, parse_key_values
+
+    try:
+        return parse_key_values(items)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def perturb_zero_weights(model: nn.Module, std: float, seed: int = 0) -> int:
