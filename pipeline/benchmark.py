@@ -29,9 +29,7 @@ def plain_loop(cfg: ExperimentConfig, steps: int, warmup: int) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, src.num_classes)
     optimizer = build_optimizer(model, cfg.train)
-    dataset = build_dataset(cfg.data, src.train, train=True, batch_size=cfg.train.batch_size, rank=0, world_size=1,
-                            seed=cfg.train.seed, samples_per_epoch=src.train_samples)
-    scheduler = build_scheduler(optimizer, cfg.train, dataset.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg))
     criterion = build_loss(cfg.train, None)
     model.train()
     done, samples, start = 0, 0, None
@@ -96,16 +94,16 @@ def compare(cfg: ExperimentConfig, rounds: int, run_prefix: str, settle_s: float
     _settle_ray(cfg, settle_s)
     ray_rates, plain_rates, ratios = [], [], []
     warmup = cfg.train.log_every  # the Ray figure starts at the first logged step
+    steps = cfg.train.epochs * _steps_per_epoch(cfg)
     for r in range(rounds):
         if r % 2 == 0:
-            ray_rate, steps = ray_loop(cfg, f"{run_prefix}-{r}")
+            ray_rate, ray_steps = ray_loop(cfg, f"{run_prefix}-{r}")
             plain_rate = plain_loop(cfg, steps - warmup, warmup)
         else:
-            steps = cfg.train.epochs * _steps_per_epoch(cfg)
             plain_rate = plain_loop(cfg, steps - warmup, warmup)
             ray_rate, ray_steps = ray_loop(cfg, f"{run_prefix}-{r}")
-            if ray_steps != steps:
-                raise RuntimeError(f"Ray run did {ray_steps} updates, the plain loop {steps}")
+        if ray_steps != steps:
+            raise RuntimeError(f"Ray run did {ray_steps} updates, the plain loop {steps}")
         ray_rates.append(ray_rate)
         plain_rates.append(plain_rate)
         ratios.append(ray_rate / plain_rate)

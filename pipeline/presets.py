@@ -17,47 +17,49 @@ _SYNTH_VIDEO = {"kind": "video", "num_frames": 8, "stride": 2, "crop_size": 56, 
 _SMALL_VSF = {"img_size": 32, "num_frames": 8, "inflation": 4, "num_latent_tokens": 16, "dims": [64, 128],
               "depths": [4, 2], "num_heads": 8, "num_points": 16, "stem_dim": 32}
 
+# The 32x32 synthetic clips of the smoke and demo runs, and their training / evaluation settings,
+# shared by the VideoSparseFormer presets and the baselines beside them.
+_SMOKE_RUN = {
+    "data": {**_SYNTH_VIDEO, "synthetic": "smoke", "crop_size": 32, "train_short_side_min": 32,
+             "train_short_side_max": 40, "eval_short_side": 32, "loader_workers": 0},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
+    "eval": {"views": "2x1", "batch_size": 8},
+    "cluster": {"num_workers": 1},
+}
+_DEMO_RUN = {
+    "data": {**_SYNTH_VIDEO, "synthetic": "demo", "crop_size": 32, "train_short_side_min": 32,
+             "train_short_side_max": 36, "eval_short_side": 32},
+    "eval": {"views": "2x3", "batch_size": 32},
+    "cluster": {"num_workers": 2},
+}
+
 KINETICS_PRESETS: dict[str, dict[str, Any]] = {
     # A small VideoSparseFormer (latent tokens sampling the clip through RoI tubes): the whole path
     # (data, Ray Train, checkpoints, evaluation, registry) in about a minute.
     "smoke": {
+        **_SMOKE_RUN,
         "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
-        "data": {**_SYNTH_VIDEO, "synthetic": "smoke", "crop_size": 32, "train_short_side_min": 32,
-                 "train_short_side_max": 40, "eval_short_side": 32, "loader_workers": 0},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
-        "eval": {"views": "2x1", "batch_size": 8},
-        "cluster": {"num_workers": 1},
         "tracking": {"register": "glimpse-kinetics-smoke"},
     },
     # The same small VideoSparseFormer learns the synthetic motion classes (chance 1/8) in a few
     # minutes on 2 CPU cores: top-1 0.94 over 2x3 views after 8 epochs (README).
     "demo": {
+        **_DEMO_RUN,
         "model": {"name": "video_sparseformer_tiny", "kwargs": _SMALL_VSF},
-        "data": {**_SYNTH_VIDEO, "synthetic": "demo", "crop_size": 32, "train_short_side_min": 32,
-                 "train_short_side_max": 36, "eval_short_side": 32},
         "train": {"epochs": 8, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 4,
                   "label_smoothing": 0.0},
-        "eval": {"views": "2x3", "batch_size": 32},
-        "cluster": {"num_workers": 2},
         "tracking": {"register": "glimpse-kinetics-demo"},
     },
     # Baselines on the same data: a frame-level model (smoke) and an early-fusion 3D CNN (demo).
     "baseline_smoke": {
+        **_SMOKE_RUN,
         "model": {"name": "frame_tcn_tiny", "kwargs": {"widths": [8, 16]}},
-        "data": {**_SYNTH_VIDEO, "synthetic": "smoke", "crop_size": 32, "train_short_side_min": 32,
-                 "train_short_side_max": 40, "eval_short_side": 32, "loader_workers": 0},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
-        "eval": {"views": "2x1", "batch_size": 8},
-        "cluster": {"num_workers": 1},
     },
     "conv3d_demo": {
+        **_DEMO_RUN,
         "model": {"name": "conv3d_tiny"},
-        "data": {**_SYNTH_VIDEO, "synthetic": "demo", "crop_size": 32, "train_short_side_min": 32,
-                 "train_short_side_max": 36, "eval_short_side": 32},
         "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "log_every": 10, "val_every": 3,
                   "label_smoothing": 0.0},
-        "eval": {"views": "2x3", "batch_size": 32},
-        "cluster": {"num_workers": 2},
     },
     # TimeSformer + ATS at toy size, beside the paper preset below.
     "timesformer_ats_demo": {

@@ -325,9 +325,10 @@ def train_func(config: dict[str, Any]) -> None:
                        "eval/skipped_samples": summary["skipped_samples"]}
             tracker.log_metrics(metrics, step=step)
         tracker.flush()
+        logged = _unwrap_for_logging(final_model)
         if runtime.get("log_final_model", True):  # sweeps log only the model they select (pipeline.tune)
-            log_final_model(tracker, _unwrap_for_logging(final_model), cfg, runtime, summary)
-        log_run_figures(tracker, _unwrap_for_logging(final_model), cfg, runtime["val"], summary, runtime["run_dir"])
+            log_final_model(tracker, logged, cfg, runtime, summary)
+        log_run_figures(tracker, logged, cfg, runtime["val"], summary, runtime["run_dir"])
         tracker.close()
     ray.train.report({**(summary and {k: v for k, v in summary.items() if isinstance(v, (int, float))} or {}),  # RAY
                       "step": step, "epoch": epoch, "done": 1})
