@@ -28,7 +28,7 @@ import statistics  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from models.ats import set_ats_k  # noqa: E402
+from models.ats import ats_stages, set_ats_k  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.flops import average_flops, count_flops, example_input, measure_throughput, model_input_shape  # noqa: E402
 from pipeline.config import ConfigError, parse_key_values  # noqa: E402
@@ -159,7 +159,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     rows = []
     for label, m in zoo.items():
         upper = count_flops(m, example_input(m)).gflops
-        actual = average_flops(m, [x]) if hasattr(m, "ats_trace") else upper  # this batch's own K'
+        actual = average_flops(m, [x]) if ats_stages(m) else upper  # this batch's own K' (ATS trace records)
         rows.append({"label": label, **info[label], "gflops_upper": round(upper, 3), "gflops_batch": round(actual, 3)})
     times = measure_throughput(zoo, x, rounds=rounds, warmup=preset["warmup"], clock=args.clock)
 

@@ -3,16 +3,20 @@
 Every architecture registers its named variants with timm, so both
 ``models.create_model("sparseformer_tiny")`` and ``timm.create_model("sparseformer_tiny")``
 work once this package is imported. Imports torch / timm / fvcore only.
+
+What a forward kept and where it sampled is read through :mod:`models.trace`
+(``with models.trace.record() as trace: model(x)``); checkpoints load through
+:func:`models.checkpoint.load_checkpoint`.
 """
 
 # Importing a family module registers its variants with timm (one file per family).
-# family modules (each helper adds one line)
-from models import (  # noqa: E402,F401  # noqa: E402,F401
-    ats_vit,  # noqa: F401
-    baseline,  # noqa: E402,F401
-    psvit,  # noqa: E402,F401
+from models import (  # noqa: F401
+    ats_vit,
+    baseline,
+    psvit,
     sparseformer,
     timesformer,
+    trace,
     video_sparseformer,
     xvit,
 )

@@ -4,17 +4,21 @@ Transformers", ECCV 2022 (``/work/shared/papers/ats.txt``, section 3, appendices
 The mechanism is split the way ``timm/layers/patch_dropout.py`` is (STYLE #5):
 
 * pure functions (tokens and scores in, kept indices out), usable by any backbone:
-  :func:`class_attention` (the class token's softmax row), :func:`ats_significance` (eq. 3),
-  :func:`inverse_transform_sample` (eqs. 4-5), :func:`resolve_k` / :func:`resolve_k_per_sample`
+  :func:`class_attention` (the class token's softmax row), :func:`ats_significance` (ATS eq. 3),
+  :func:`inverse_transform_sample` (ATS eqs. 4-5), :func:`resolve_k` / :func:`resolve_k_per_sample`
   (appendix E.1), and the data-dependent gather / pack helpers (:func:`select_tokens`,
   :func:`pack_tokens`, ...), registered as FX leaves (STYLE #8);
 * thin modules with timm's parameter names, so a timm checkpoint loads unchanged:
   :class:`ATSAttention` (drop-in for ``timm.layers.Attention``), :class:`MaskedAttention`,
   :class:`ATSBlock` (the sampling block) and :class:`MaskedBlock` (every later block);
 * glue: :func:`convert_blocks` (turn a run of timm ``Block`` s into ATS/masked blocks in place),
-  :func:`forward_ats_blocks` (the loop that threads the token mask and records
-  :class:`ATSStageTrace`), :func:`set_ats_k` (K is an inference-time knob) and
-  :func:`upper_bound_sampling` (count cost at the upper bound K' = K).
+  :func:`forward_ats_blocks` (the loop that threads the token mask and, while a trace is recorded,
+  emits one :class:`models.trace.KeptTokens` per ATS stage), :func:`set_ats_k` (K is an
+  inference-time knob) and :func:`upper_bound_sampling` (count cost at the upper bound K' = K).
+
+Attention itself (fused SDPA or the manual softmax, padded keys masked) and the re-zeroing of padded
+rows are :mod:`models.attention`'s, shared with the video transformers. Nothing is stored on a module
+during a forward: masks travel as arguments and return values.
 
 Conventions (decided here; the paper is silent or ambiguous):
 
@@ -23,16 +27,16 @@ Conventions (decided here; the paper is silent or ambiguous):
   nothing is padded. Padded slots are zero and are excluded from every softmax, FFN and pooling.
 * Stage numbering. The paper counts blocks from 0 (appendix F.3 places ATS in "stages 0, 3, 6" and
   "3-11" of the 12-block DeiT-S), so a stage is the 0-based index of the block in ``model.blocks``.
-* CDF order. Eq. 4 accumulates the scores in token (position) order, ``CDF_i = sum_{j<=i} S_j``;
+* CDF order. ATS eq. 4 accumulates the scores in token (position) order, ``CDF_i = sum_{j<=i} S_j``;
   the official code sorts the scores first. We follow the paper: with positional order the fixed
-  points of eq. 5 stratify the image (uniform scores give K evenly spaced tokens) and the kept
+  points of ATS eq. 5 stratify the image (uniform scores give K evenly spaced tokens) and the kept
   indices come out sorted by position for free.
 * Inverse CDF. Token ``j`` owns the interval ``(CDF_{j-1}, CDF_j]``; a fixed point ``y`` maps to the
   first ``j`` with ``CDF_j >= y`` (``torch.searchsorted``, left side). A fixed point exactly on a
   boundary therefore goes to the token on its left ("ties"). Zero-score tokens own empty intervals
   and are never picked, so padding can never be sampled. The official code maps ``y`` to the token
   whose CDF value is *nearest*, which biases picks by half an interval.
-* Multi-head scores. Eq. 3 is normalised per head and then "summed over all heads"; we then divide
+* Multi-head scores. ATS eq. 3 is normalised per head and then "summed over all heads"; we then divide
   by the number of heads so the scores stay a distribution (the official code sums un-normalised
   heads, letting heads with large value norms dominate).
 * K per sample. K (a count, or a ratio of the stage's input tokens with a floor, appendix E.1) is
@@ -49,27 +53,28 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import register_notrace_function
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
+from models.attention import key_padding_mask, masked_attention, zero_padding
+from models.trace import KeptTokens, emit, recording
+
 __all__ = [
     "ATSAttention",
     "ATSBlock",
     "ATSSamplingMixin",
-    "ATSStageTrace",
     "MaskedAttention",
     "MaskedBlock",
     "ats_significance",
     "ats_stages",
+    "check_ats_stages",
     "class_attention",
     "convert_blocks",
     "forward_ats_blocks",
@@ -153,11 +158,11 @@ def resolve_k_per_sample(n_live: Tensor, k: int | None = None, ratio: float | No
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure functions: scores (eq. 3) and inverse transform sampling (eqs. 4-5)
+# Pure functions: scores (ATS eq. 3) and inverse transform sampling (ATS eqs. 4-5)
 # --------------------------------------------------------------------------------------------------
 
 def class_attention(q_cls: Tensor, k: Tensor, scale: float, token_mask: Tensor | None = None) -> Tensor:
-    """The class token's softmax attention row, eq. 1 restricted to row 1: ``A_{1,:}``.
+    """The class token's softmax attention row, ATS eq. 1 restricted to row 1: ``A_{1,:}``.
 
     ``q_cls`` (B, H, Dh), ``k`` (B, H, N, Dh), ``token_mask`` (B, N) or None -> (B, H, N).
     Fused SDPA does not return attention weights, so this one row is computed by hand
@@ -170,7 +175,7 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float, token_mask: Tensor |
 
 
 def ats_significance(cls_attn: Tensor, v: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """Significance scores of the non-class tokens, eq. 3.
+    """Significance scores of the non-class tokens, ATS eq. 3.
 
     Args:
         cls_attn: (B, H, N) the class token's softmax attention row over all N tokens (class first).
@@ -192,14 +197,14 @@ def ats_significance(cls_attn: Tensor, v: Tensor, token_mask: Tensor | None = No
     total = s.sum(dim=-1, keepdim=True)  # (B, H, 1)
     uniform = live / live.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (B, 1, N-1)
     ok = total > 0  # (B, H, 1)
-    s = torch.where(ok, s / torch.where(ok, total, torch.ones_like(total)), uniform)  # (B, H, N-1) eq. 3
+    s = torch.where(ok, s / torch.where(ok, total, torch.ones_like(total)), uniform)  # (B, H, N-1) ATS eq. 3
     return s.mean(dim=1)  # (B, N-1)
 
 
 @register_notrace_function
 def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor | None = None
                              ) -> tuple[Tensor, Tensor]:
-    """Deterministic inverse transform sampling, eqs. 4-5, with repeats removed per sample.
+    """Deterministic inverse transform sampling, ATS eqs. 4-5, with repeats removed per sample.
 
     Args:
         scores: (B, M) non-negative significance scores of the candidate tokens (the non-class
@@ -213,7 +218,7 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
         position) order; later slots are padding (their index values are meaningless).
         K'max is the largest K' in the batch (trimmed), and K' >= 1 for every sample.
 
-    The fixed points are ``y_i = (2i - 1) / (2K)``, i = 1..K (eq. 5 with the paper's deterministic
+    The fixed points are ``y_i = (2i - 1) / (2K)``, i = 1..K (ATS eq. 5 with the paper's deterministic
     scheme); ``y`` maps to the first token whose CDF reaches it (see module docstring for ties).
     Inside :func:`upper_bound_sampling` every live score counts as equal, so K' = min(K, live).
     """
@@ -228,7 +233,7 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
         w = live.double()  # equal weights: fixed points 1/K apart never share a 1/M interval
     total = w.sum(dim=1, keepdim=True)  # (B, 1)
     w = torch.where(total > 0, w, live.double())  # degenerate scores: uniform over live tokens
-    cdf = w.cumsum(dim=1)  # (B, M) eq. 4 in token order
+    cdf = w.cumsum(dim=1)  # (B, M) ATS eq. 4 in token order
     cdf = cdf / cdf[:, -1:]  # (B, M) exactly 1 at the end (x / x == 1 in IEEE arithmetic)
 
     k_b = torch.as_tensor(k, device=device, dtype=torch.long).expand(B)  # (B,)
@@ -238,7 +243,7 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
     k_f = k_b.double()[:, None]  # (B, 1)
     ys = (2 * i[None, :] + 1) / (2 * k_f)  # (B, Kmax) fixed points (2i-1)/(2K), 1-based i
     ys = torch.minimum(ys, (2 * k_f - 1) / (2 * k_f))  # points beyond a sample's own K repeat its last one
-    picks = torch.searchsorted(cdf, ys).clamp_(max=M - 1)  # (B, Kmax) eq. 5: first j with CDF_j >= y
+    picks = torch.searchsorted(cdf, ys).clamp_(max=M - 1)  # (B, Kmax) ATS eq. 5: first j with CDF_j >= y
 
     # ys and the CDF are non-decreasing, so picks are sorted and repeats are adjacent: keep the first
     first = torch.ones_like(picks, dtype=torch.bool)  # (B, Kmax)
@@ -319,14 +324,6 @@ def unpack_tokens(y: Tensor, live_index: Tensor | None, like: Tensor) -> Tensor:
     return out.index_copy(0, live_index, y).reshape(B, N, y.shape[-1])  # (B, N, C')
 
 
-@register_notrace_function
-def key_padding_mask(token_mask: Tensor | None) -> Tensor | None:
-    """(B, N) live mask -> (B, 1, 1, N) SDPA boolean mask (True = attend), or None if nothing is padded."""
-    if token_mask is None or bool(token_mask.all()):
-        return None  # lets SDPA take its unmasked fast path
-    return token_mask[:, None, None, :]  # (B, 1, 1, N)
-
-
 def masked_pool(x: Tensor, token_mask: Tensor | None, pool_type: str, num_prefix_tokens: int = 1) -> Tensor:
     """timm's ``global_pool_nlc`` with padded tokens ignored: (B, N, C) -> (B, C).
 
@@ -381,6 +378,9 @@ class ATSSamplingMixin:
         """(B,) live tokens incl. class -> (B,) K for this stage."""
         return resolve_k_per_sample(n_live, self.ats_k, self.ats_ratio, self.ats_floor)
 
+    def extra_repr(self) -> str:
+        return self.ats_extra_repr()
+
     def ats_extra_repr(self) -> str:
         if self.ats_keep_all:
             return "keep_all=True"
@@ -390,21 +390,15 @@ class ATSSamplingMixin:
 
 
 def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Softmax(q k^T / sqrt(d)) v for the given query rows only; fused or manual (STYLE #6).
+    """Softmax(q k^T / sqrt(d)) v for the given query rows only, fused or manual as ``attn.fused_attn``
+    says (STYLE #6; :func:`models.attention.masked_attention`).
 
     ``q`` (B, H, Lq, Dh), ``k``/``v`` (B, H, N, Dh), ``token_mask`` (B, N) -> (B, H, Lq, Dh).
     Padded keys are excluded from the softmax; the full N x N matrix is never formed unless
     Lq == N (a masked block).
     """
-    mask = key_padding_mask(token_mask)  # (B, 1, 1, N) or None
-    if attn.fused_attn:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)  # (B, H, Lq, Dh)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, Lq, N)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    a = attn.attn_drop(logits.softmax(dim=-1))  # (B, H, Lq, N) rows of A (eq. 1)
-    return a @ v  # (B, H, Lq, Dh) eq. 2 / eq. 6
+    return masked_attention(q, k, v, token_mask, scale=attn.scale, fused=attn.fused_attn,
+                            dropout_p=attn.attn_drop.p if attn.training else 0.0)  # (B, H, Lq, Dh) ATS eq. 2 / ATS eq. 6
 
 
 def _output(attn: Attention, o: Tensor, x_rows: Tensor, live_index: Tensor | None) -> Tensor:
@@ -453,8 +447,8 @@ class ATSAttention(ATSSamplingMixin, Attention):
 
     1. Q, K, V for all live tokens; the class row ``A_{1,:}`` by hand (no gradient needed: it only
        picks indices).
-    2. Scores (eq. 3) and inverse transform sampling (eqs. 4-5) -> kept tokens, K' <= K per sample.
-    3. ``O = A^s V`` (eq. 6) for the class + kept rows only, with fused SDPA (queries = kept rows,
+    2. Scores (ATS eq. 3) and inverse transform sampling (ATS eqs. 4-5) -> kept tokens, K' <= K per sample.
+    3. ``O = A^s V`` (ATS eq. 6) for the class + kept rows only, with fused SDPA (queries = kept rows,
        keys/values = all live tokens): never the full N x N matrix. Gradients flow through these rows.
 
     ``forward(x (B, N, C), token_mask (B, N) | None) -> (out (B, 1+K'max, C), kept_idx (B, K'max),
@@ -466,9 +460,6 @@ class ATSAttention(ATSSamplingMixin, Attention):
                  floor: int = DEFAULT_K_FLOOR, **attn_kwargs) -> None:
         super().__init__(dim, num_heads=num_heads, **attn_kwargs)
         self.set_k(k, ratio, floor=floor)
-
-    def extra_repr(self) -> str:
-        return self.ats_extra_repr()
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None  # type: ignore[override]
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -486,24 +477,16 @@ class ATSAttention(ATSSamplingMixin, Attention):
                               else token_mask[:, 1:])  # (B, N-1)
             else:
                 cls_attn = class_attention(q[:, 0].detach(), k.detach(), self.scale, token_mask)  # (B, H, N)
-                scores = ats_significance(cls_attn, v.detach(), token_mask)  # (B, N-1) eq. 3
+                scores = ats_significance(cls_attn, v.detach(), token_mask)  # (B, N-1) ATS eq. 3
                 kept_idx, kept_valid = inverse_transform_sample(
                     scores, self.k_per_sample(n_live), None if token_mask is None else token_mask[:, 1:])
         rows = with_class_token(kept_idx)  # (B, 1+K) rows of A kept: class + sampled
         new_mask = torch.cat([torch.ones_like(kept_valid[:, :1]), kept_valid], dim=1)  # (B, 1+K)
 
         q_rows = select_tokens(q, rows).transpose(1, 2)  # (B, H, 1+K, Dh) queries of kept rows only
-        o = _attend(self, q_rows, k, v, token_mask)  # (B, H, 1+K, Dh) O = A^s V, eq. 6
+        o = _attend(self, q_rows, k, v, token_mask)  # (B, H, 1+K, Dh) O = A^s V, ATS eq. 6
         out = _output(self, o, select_tokens(x, rows), live_token_index(new_mask))  # (B, 1+K, C)
         return out, kept_idx, new_mask
-
-
-@register_notrace_function
-def zero_padding(x: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Zero the padded slots of ``x`` (B, N, C); a no-op (no copy) when nothing is padded."""
-    if token_mask is None or bool(token_mask.all()):
-        return x
-    return x * token_mask[..., None].to(x.dtype)  # (B, N, C)
 
 
 def _ffn(block: Block, x: Tensor, token_mask: Tensor | None) -> Tensor:
@@ -549,29 +532,6 @@ class ATSBlock(Block):
 # Conversion, the block loop, introspection
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class ATSStageTrace:
-    """What one ATS stage kept, for visualisations and Fig. 6's token-count histograms.
-
-    ``positions`` (B, K'max): ORIGINAL patch index (0-based, row-major over the patch grid) of
-    each slot; ``valid`` (B, K'max) marks real (non-padding) slots.
-    """
-
-    stage: int
-    positions: Tensor
-    valid: Tensor
-
-    @property
-    def counts(self) -> Tensor:
-        """(B,) K' per sample."""
-        return self.valid.sum(dim=1)
-
-    @property
-    def kept_positions(self) -> list[Tensor]:
-        """Per sample, the (K',) original patch indices kept, ascending."""
-        return [p[v] for p, v in zip(self.positions, self.valid)]
-
-
 def _convert_block(block: nn.Module, new_cls: type[Block], attn_cls: type[Attention]) -> Block:
     if not isinstance(block, Block) or not isinstance(block.attn, Attention):
         raise TypeError(f"ATS converts timm Block/Attention modules, got {type(block).__name__} with "
@@ -594,15 +554,9 @@ def convert_blocks(blocks: Sequence[nn.Module], stages: Sequence[int], k: int | 
     :class:`MaskedBlock`; earlier blocks are untouched. Parameters (and state_dict keys) are unchanged.
     """
     depth = len(blocks)
-    stages = list(stages)
+    stages = check_ats_stages(stages, depth)
     if not stages:
         raise ValueError("ATS needs at least one stage")
-    for s in stages:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < depth:
-            raise ValueError(f"ATS stage {s!r} is not a block index in [0, {depth - 1}] (stages count from 0)")
-    if len(set(stages)) != len(stages):
-        raise ValueError(f"ATS stages repeat: {stages}")
-    stages = sorted(stages)
     ks = _per_stage(k, len(stages), "k")
     ratios = _per_stage(ratio, len(stages), "ratio")
     for kk, rr in zip(ks, ratios):
@@ -614,6 +568,20 @@ def convert_blocks(blocks: Sequence[nn.Module], stages: Sequence[int], k: int | 
             blk.attn.set_k(ks[j], ratios[j], floor=floor)
         else:
             _convert_block(blocks[i], MaskedBlock, MaskedAttention)
+
+
+def check_ats_stages(stages: Sequence[int], depth: int) -> list[int]:
+    """``ats_stages`` validated against a ``depth``-block model and sorted: 0-based block indices, no repeats.
+
+    Raises ``ValueError`` naming the offending stage (ATS stages count blocks from 0, as the paper does).
+    """
+    stages = list(stages)
+    for s in stages:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < depth:
+            raise ValueError(f"ATS stage {s!r} is not a block index in [0, {depth - 1}] (stages count from 0)")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"ATS stages repeat: {stages}")
+    return sorted(stages)
 
 
 def _per_stage(value, n: int, name: str) -> list:
@@ -645,29 +613,31 @@ def set_ats_k(model: nn.Module, k: int | Sequence[int | None] | None = None,
     return model
 
 
-def forward_ats_blocks(blocks: Iterable[nn.Module], x: Tensor, token_mask: Tensor | None = None,
-                       positions: Tensor | None = None, *, checkpoint: bool = False
-                       ) -> tuple[Tensor, Tensor | None, list[ATSStageTrace]]:
+def forward_ats_blocks(blocks: Iterable[nn.Module], x: Tensor, token_mask: Tensor | None = None, *,
+                       checkpoint: bool = False, grid: tuple[int, int] | None = None,
+                       candidates_xy: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Run a stack of (timm / masked / ATS) blocks, threading the token mask.
 
-    ``x`` (B, N, C) with the class token first; ``positions`` (B, N-1) original indices of the
-    non-class tokens (default ``arange``). Returns ``(x (B, N', C), token_mask (B, N') | None,
-    traces)``, one :class:`ATSStageTrace` per ATS block (stage = index in ``blocks``).
+    ``x`` (B, N, C) with the class token first. Returns ``(x (B, N', C), token_mask (B, N') | None)``.
+    While a trace is recorded (:func:`models.trace.record`) every ATS block emits a
+    :class:`models.trace.KeptTokens` (stage = index in ``blocks``) whose positions index the N - 1
+    non-class tokens ``blocks`` received: the patch cells of ``grid`` (rows, cols), or the points
+    ``candidates_xy`` (B, N-1, 2) in normalised input (x, y) (PS-ViT's sampled tokens).
     """
     B, N, _ = x.shape
-    if positions is None:
-        positions = torch.arange(N - 1, device=x.device).expand(B, N - 1)  # (B, N-1)
-    traces: list[ATSStageTrace] = []
+    traced = recording()
+    positions = torch.arange(N - 1, device=x.device).expand(B, N - 1) if traced else None  # (B, N-1)
     for i, blk in enumerate(blocks):
         run = partial(torch.utils.checkpoint.checkpoint, blk, use_reentrant=False) if checkpoint else blk
         if isinstance(blk, ATSBlock):
             x, kept_idx, token_mask = run(x, token_mask)  # (B, 1+K, C), (B, K), (B, 1+K)
-            positions = positions.gather(1, kept_idx)  # (B, K) original patch indices
-            traces.append(ATSStageTrace(i, positions.detach(), token_mask[:, 1:].detach()))
+            if traced:
+                positions = positions.gather(1, kept_idx)  # (B, K) original candidate indices
+                emit(KeptTokens(i, positions, token_mask[:, 1:], grid=grid, candidates_xy=candidates_xy))
         elif isinstance(blk, MaskedBlock):
             x = run(x, token_mask)
         else:
             if token_mask is not None:
                 raise TypeError(f"block {i} ({type(blk).__name__}) follows an ATS stage but is not mask-aware")
             x = run(x)
-    return x, token_mask, traces
+    return x, token_mask

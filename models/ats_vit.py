@@ -16,8 +16,15 @@ Stages count timm's blocks from 0 (the paper's appendix F.3 uses "stages 0, 3, 6
 
 Variants: ``deit_{tiny,small,base}_ats`` (multi-stage; ``single_stage=True`` for stage 3 only) and
 ``deit_small_ats_k108`` / ``_k78`` / ``_k48`` (single stage 3). Every variant accepts ``ats_stages``,
-``ats_k``, ``ats_ratio``, ``ats_floor`` and timm's ``VisionTransformer`` kwargs (img_size,
-num_classes, ...). K is also changeable after construction with :func:`set_ats_k`.
+``ats_k``, ``ats_ratio``, ``ats_floor`` (the keywords of every ATS family) and timm's
+``VisionTransformer`` kwargs (img_size, num_classes, ...). K is also changeable after construction
+with :func:`set_ats_k`.
+
+timm contract with padding: ``forward_features(x)`` returns ``(B, 1 + K'max, C)`` tokens whose padded
+rows are exactly zero, and ``forward_head(features)`` without a ``token_mask`` takes all-zero rows for
+padding (:func:`models.attention.nonzero_token_mask`), so ``forward_head(forward_features(x))`` equals
+``forward(x)`` on any batch; ``forward`` itself passes the mask it got from
+:meth:`ATSVisionTransformer.forward_features_masked` explicitly. Nothing is stored on the module.
 """
 
 from __future__ import annotations
@@ -33,15 +40,8 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 from torch import Tensor
 
-from models.ats import (
-    DEFAULT_K_FLOOR,
-    ATSStageTrace,
-    convert_blocks,
-    forward_ats_blocks,
-    masked_pool,
-    set_ats_k,
-    zero_padding,
-)
+from models.ats import DEFAULT_K_FLOOR, convert_blocks, forward_ats_blocks, masked_pool, set_ats_k
+from models.attention import full_mask_if_none, nonzero_token_mask, zero_padding
 from models.registry import register_glimpse
 
 __all__ = ["ATSVisionTransformer", "apply_ats", "checkpoint_filter_fn", "set_ats_k", "MULTI_STAGES",
@@ -70,39 +70,40 @@ class ATSVisionTransformer(VisionTransformer):
     """A timm ``VisionTransformer`` whose blocks run through :func:`models.ats.forward_ats_blocks`.
 
     Not constructed directly: :func:`apply_ats` swaps an existing model's class to this one (the
-    modules and parameters stay). After each forward, ``ats_trace`` holds one
-    :class:`models.ats.ATSStageTrace` per ATS stage and ``ats_token_mask`` the final (B, N') mask.
+    modules and parameters stay). Inside :func:`models.trace.record` each ATS stage emits a
+    :class:`models.trace.KeptTokens` over the patch grid; the token mask is passed, never stored.
     """
 
-    ats_trace: list[ATSStageTrace]
-    ats_token_mask: Tensor | None
+    def patch_grid(self, x: Tensor) -> tuple[int, int]:
+        """(rows, cols) of patch cells for the input ``x`` (B, C, H, W)."""
+        if self.dynamic_img_size:
+            return self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        return tuple(self.patch_embed.grid_size)
 
     def forward_features_masked(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, C, H, W) -> tokens (B, 1+K'max, C) after the final norm (zero in padded slots) and
         their mask (B, 1+K'max), or None when nothing is padded."""
         check_image_input(x, self.in_chans, None if self.dynamic_img_size else tuple(self.patch_embed.img_size))
+        grid = self.patch_grid(x)
         x = self.patch_embed(x)
         x = self._pos_embed(x)  # (B, 1+N, C)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
-        x, mask, traces = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint)  # (B, 1+K, C), (B, 1+K)
-        x = zero_padding(self.norm(x), mask)  # the final norm maps zero padding to its bias: re-zero
-        self.ats_trace, self.ats_token_mask = traces, mask
-        return x, mask
+        x, mask = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint, grid=grid)  # (B, 1+K, C), (B, 1+K)
+        return zero_padding(self.norm(x), mask), mask  # the final norm maps zero padding to its bias: re-zero
 
     def forward_features(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """timm contract: (B, C, H, W) -> (B, 1+K'max, C); the mask is kept in ``ats_token_mask``.
+        """timm contract: (B, C, H, W) -> (B, 1+K'max, C), padded rows exactly zero (see the module doc).
         (No ``attn_mask`` / ``is_causal``: ATS builds its own token masks.)"""
         return self.forward_features_masked(x)[0]
 
     def pool(self, x: Tensor, pool_type: str | None = None, token_mask: Tensor | None = None) -> Tensor:
-        """timm's pooling with padded tokens ignored. Without ``token_mask`` the mask of the last
-        forward is used when its shape matches ``x`` (features from elsewhere: nothing padded)."""
+        """timm's pooling with padded tokens ignored. Without ``token_mask``, all-zero rows of ``x`` are
+        the padding (:func:`models.attention.nonzero_token_mask`); class-token pooling needs no mask."""
         pool_type = self.global_pool if pool_type is None else pool_type
-        if token_mask is None and not isinstance(x, torch.fx.Proxy):
-            last = getattr(self, "ats_token_mask", None)
-            token_mask = last if last is not None and tuple(last.shape) == tuple(x.shape[:2]) else None
+        if token_mask is None and pool_type not in ("token", ""):
+            token_mask = nonzero_token_mask(x)  # (B, N)
         prefix = 0 if self.pool_include_prefix else self.num_prefix_tokens
         return masked_pool(x, token_mask, pool_type, num_prefix_tokens=prefix)
 
@@ -113,11 +114,11 @@ class ATSVisionTransformer(VisionTransformer):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         x, mask = self.forward_features_masked(x)
-        return self.forward_head(x, token_mask=mask)
+        return self.forward_head(x, token_mask=full_mask_if_none(mask, x))
 
     def forward_intermediates(self, *args, **kwargs):  # noqa: D401
         raise NotImplementedError("forward_intermediates is not available for ATS models (token counts vary "
-                                  "per sample); use forward_features and model.ats_trace")
+                                  "per sample); use forward_features, and models.trace.record() for the kept tokens")
 
 
 def apply_ats(model: VisionTransformer, stages: Sequence[int],
@@ -144,7 +145,6 @@ def apply_ats(model: VisionTransformer, stages: Sequence[int],
         raise ValueError("patch dropout (patch_drop_rate > 0) cannot be combined with ATS: it reorders tokens")
     convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor)
     model.__class__ = ATSVisionTransformer  # same modules and parameters, mask-aware forward
-    model.ats_trace, model.ats_token_mask = [], None
     return model
 
 

@@ -130,10 +130,15 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = {"frame_tcn_tiny": _cfg(), "frame_tcn_small": _cfg(input_size=(3, 16, 112, 112)),
                 "conv3d_tiny": _cfg(first_conv="features.0.0")}
 
+# Data geometry added to pretrained_cfg (models.registry): not from a paper; the stride of Glimpse's data
+# config default (pipeline DataConfig.stride) and a single test view.
+data_cfgs = {name: {"sampling_rate": 2, "test_views": (1, 1)} for name in default_cfgs}
+
 
 def _create(variant: str, **kwargs) -> nn.Module:
     cls = Conv3DNet if variant.startswith("conv3d") else FrameTCN
-    return build_video_model(cls, variant, default_cfgs[variant], **kwargs)
+    kwargs.setdefault("num_frames", default_cfgs[variant]["input_size"][1])  # the cfg's T is the model's
+    return build_video_model(cls, **kwargs)
 
 
 @register_glimpse

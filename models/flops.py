@@ -31,11 +31,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import Tensor
 
 from models.ats import upper_bound_sampling
+from models.registry import built_input_size
+from models.trace import record
+
+with warnings.catch_warnings():
+    # fvcore's focal_loss module calls torch.jit.script at import, which torch >= 2.10 deprecates (a
+    # FutureWarning on every import of this module); Glimpse uses fvcore's FLOP counter only.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["FlopReport", "average_flops", "count_flops", "example_input", "measure_throughput", "model_input_shape",
            "param_count"]
@@ -157,25 +164,23 @@ def count_flops(model: nn.Module, inputs: Tensor | tuple, *, paper_excluded_attr
     )
 
 
-def _ats_signature(model: nn.Module, batch_size: int) -> list[tuple] | None:
-    """Per sample, the kept-token counts of every ATS stage of the last forward (None if not ATS)."""
-    trace = getattr(model, "ats_trace", None)
-    if not trace:
-        return None
-    counts = torch.stack([t.counts for t in trace], dim=1)  # (B, stages)
-    if counts.shape[0] != batch_size:
-        return None
-    return [tuple(row) for row in counts.tolist()]
+def _ats_signature(model: nn.Module, x: Tensor) -> list[tuple] | None:
+    """Per sample of ``x``, the kept-token counts K' of every ATS stage (None if the model has no ATS)."""
+    with torch.no_grad(), record() as trace:
+        model(x)
+    counts = trace.kept_counts()  # (B, stages) or None
+    return None if counts is None else [tuple(row) for row in counts.tolist()]
 
 
 def average_flops(model: nn.Module, batches: Iterable[Tensor]) -> float:
     """Average per-sample GFLOPs of an adaptive model over a dataset, counting each sample's OWN
     kept tokens (ATS: K' varies per sample, section 3.2 / Fig. 6).
 
-    Each sample is counted alone (batch 1, so no padding is counted). For models that expose
-    ``ats_trace`` the batch is first run once and samples with the same per-stage token counts share
-    one fvcore trace (their cost is identical; ATS is batch-independent, so the counts in the batch
-    equal those of the sample alone). Other models are traced sample by sample.
+    Each sample is counted alone (batch 1, so no padding is counted). The batch is first run once
+    under :func:`models.trace.record`; for models that emit ATS kept-token records, samples with the
+    same per-stage token counts share one fvcore trace (their cost is identical; ATS is
+    batch-independent, so the counts in the batch equal those of the sample alone). Other models are
+    traced sample by sample.
     """
     total, n = 0.0, 0
     cache: dict[tuple, float] = {}
@@ -186,9 +191,7 @@ def average_flops(model: nn.Module, batches: Iterable[Tensor]) -> float:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if isinstance(x, dict):
                 x = x.get("image", x.get("video"))
-            with torch.no_grad():
-                model(x)
-            keys = _ats_signature(model, x.shape[0])
+            keys = _ats_signature(model, x)
             for i in range(x.shape[0]):
                 key = keys[i] if keys is not None else None
                 if key is None or key not in cache:
@@ -213,26 +216,11 @@ def average_flops(model: nn.Module, batches: Iterable[Tensor]) -> float:
 def model_input_shape(model: nn.Module) -> tuple[int, ...]:
     """Per-sample input shape, without the batch dimension: (3, H, W) images, (3, T, H, W) video.
 
-    From ``model.pretrained_cfg["input_size"]``, corrected by what the built model says when it was
-    built with overrides (timm keeps the cfg's size when ``img_size=`` is passed): a ViT's
-    ``patch_embed.img_size`` / ``in_chans`` and a video model's ``num_frames``.
+    ``model.pretrained_cfg["input_size"]``, corrected by what the built model says
+    (:func:`models.registry.built_input_size`: timm keeps the cfg's size when its own models are built
+    with ``img_size=``; Glimpse's cfgs already follow the build).
     """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    if size is None:
-        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass an input explicitly")
-    shape = list(size)
-    pe = getattr(model, "patch_embed", None)
-    img_size = getattr(pe, "img_size", None)
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(v, int) for v in img_size):
-        shape[-2:] = list(img_size)
-    in_chans = getattr(model, "in_chans", None)
-    if isinstance(in_chans, int):
-        shape[0] = in_chans
-    frames = getattr(model, "num_frames", None)
-    if len(shape) == 4 and isinstance(frames, int):
-        shape[1] = frames
-    return tuple(shape)
+    return built_input_size(model)
 
 
 def example_input(model: nn.Module, batch_size: int = 1, seed: int = 0) -> Tensor:

@@ -1,7 +1,7 @@
 """Differentiable point sampling of feature maps: the operator shared by PS-ViT and SparseFormer.
 
-PS-ViT (Yue et al., 2021, eq. 3) samples tokens at learned points by bilinear interpolation, and
-SparseFormer (Gao et al., 2023, section 3.1, eq. 3) samples each latent token's points inside its RoI;
+PS-ViT (Yue et al., 2021; PS-ViT eq. 3) samples tokens at learned points by bilinear interpolation, and
+SparseFormer (Gao et al., 2023, section 3.1; SparseFormer eq. 3) samples each latent token's points inside its RoI;
 VideoSparseFormer (section 3.2) samples trilinearly inside tubes. The official PS-ViT relies on a
 CUDA-only extension; here one fused ``torch.nn.functional.grid_sample`` call does the work on any device
 and is differentiable with respect to both the features and the points (gradients w.r.t. the points

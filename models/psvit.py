@@ -6,8 +6,8 @@ stride-4 CNN feature map at learned, fractional points and moves the points for 
 
     image (B, 3, H, W)
       -> feature extractor: ResNet-50 stem + first two bottlenecks of stage 1   F: (B, C, H/4, W/4)
-      -> progressive sampling module, N iterations (eqs. 1-5)                   T_N: (B, n*n, C)
-      -> [cls, T_N] -> N_v transformer layers (eq. 6), no extra position embedding
+      -> progressive sampling module, N iterations (PS-ViT eqs. 1-5)                   T_N: (B, n*n, C)
+      -> [cls, T_N] -> N_v transformer layers (PS-ViT eq. 6), no extra position embedding
       -> LayerNorm -> classifier on the class token
 
 Departures from / decisions over the paper and the official release (github.com/yuexy/PS-ViT):
@@ -15,16 +15,16 @@ Departures from / decisions over the paper and the official release (github.com/
 * Sampling uses Glimpse's shared :func:`models.point_sampling.sample_points` (one fused ``grid_sample``,
   any device) instead of the release's CUDA-only extension. Points are (x, y) normalised to [0, 1] of the
   feature map, pixel centre ``i`` at ``(i + 0.5) / size``.
-* Eq. 2 is read in continuous coordinates: the initial points are the exact centres of the ``n x n``
+* PS-ViT eq. 2 is read in continuous coordinates: the initial points are the exact centres of the ``n x n``
   cells, ``((j + 0.5) / n, (i + 0.5) / n)``. (The release evaluates the same formula in pixel-index
   coordinates, which puts its grid half a feature pixel down-right of the cell centres.)
-* Offsets ``o_t = M_t T_t`` (eq. 5) are predicted in feature-map pixels, as in the release, and divided
+* Offsets ``o_t = M_t T_t`` (PS-ViT eq. 5) are predicted in feature-map pixels, as in the release, and divided
   by the map size before being added to the normalised points; ``M_t`` is zero-initialised, so all
   iterations start on the regular grid.
-* Gradients reach ``o_t`` only through the features sampled at ``p_{t+1}`` (eq. 9): the position
+* Gradients reach ``o_t`` only through the features sampled at ``p_{t+1}`` (PS-ViT eq. 9): the position
   embedding and the base of the next update use the points with gradients stopped, as in the release.
 * Table 8's weight-sharing variants (``*_shared``, not in the release) use ONE transformer layer and ONE
-  offset layer ``M`` for all iterations; the position map ``W`` is shared by every variant (eq. 4).
+  offset layer ``M`` for all iterations; the position map ``W`` is shared by every variant (PS-ViT eq. 4).
 * The feature extractor's width is matched to C by the second bottleneck's 1x1 expansion conv and a 1x1
   projection shortcut, as in the release: B uses ResNet-50's 256 channels after the first bottleneck,
   then 256 -> 384; Ti uses 64 -> 192 -> 192.
@@ -33,7 +33,14 @@ Departures from / decisions over the paper and the official release (github.com/
   release), so timm tooling and ATS's block conversion apply unchanged.
 
 ATS (Fayyaz et al., ECCV 2022, Table 1) plugs into the vision-transformer module's layers 1-9
-(``psvit_b_14_ats``, ``psvit_b_18_ats``); see :func:`apply_ats_to_psvit`.
+(``psvit_b_14_ats``, ``psvit_b_18_ats``); see :func:`apply_ats_to_psvit`. The variants take the ATS
+keywords of every family: ``ats_stages``, ``ats_k``, ``ats_ratio``, ``ats_floor``.
+
+Trace (:mod:`models.trace`): every iteration emits :class:`models.trace.SampledPoints` (its points
+``p_t``, one per token, no RoIs) and every ATS layer :class:`models.trace.KeptTokens` over the ``n*n``
+sampled tokens, whose candidate points are ``p_N``. The points are normalised to the feature map, which
+spans the input exactly (stride 4), so they are normalised input coordinates too, up to the stem's
+receptive-field offset (the centre of map pixel ``i`` sits at image pixel ``4i + 0.5``, not ``4i + 2``).
 """
 
 from __future__ import annotations
@@ -42,13 +49,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models.vision_transformer import Block
 
-from models.ats import ATSStageTrace, convert_blocks, forward_ats_blocks, masked_pool
+from models.ats import DEFAULT_K_FLOOR, convert_blocks, forward_ats_blocks, masked_pool
+from models.attention import full_mask_if_none, nonzero_token_mask, zero_padding
 from models.point_sampling import sample_points
 from models.registry import register_glimpse
+from models.trace import SampledPoints, emit, recording
 
 __all__ = ["PSViT", "ProgressiveSampling", "FeatureExtractor", "Bottleneck", "initial_grid_points",
            "apply_ats_to_psvit", "checkpoint_filter_fn"]
@@ -56,15 +65,18 @@ __all__ = ["PSViT", "ProgressiveSampling", "FeatureExtractor", "Bottleneck", "in
 # The feature map F is the output of the ResNet-50 stem (stride 4), section 3.2.
 FEATURE_STRIDE = 4
 
+# FX leaves (STYLE #8): sampling at data-dependent points and the shape checks stay opaque to timm's FX tools.
+register_notrace_function(sample_points)
+
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
 def initial_grid_points(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """The regular ``n x n`` sampling grid ``p_1`` of eq. 2, as normalised (x, y) points.
+    """The regular ``n x n`` sampling grid ``p_1`` of PS-ViT eq. 2, as normalised (x, y) points.
 
     Point ``i`` (row-major: ``row = i // n``, ``col = i % n``) is the centre of cell (row, col):
-    ``x = (col + 0.5) / n``, ``y = (row + 0.5) / n``, i.e. eq. 2's ``pi * s + s / 2`` divided by the map size.
+    ``x = (col + 0.5) / n``, ``y = (row + 0.5) / n``, i.e. PS-ViT eq. 2's ``pi * s + s / 2`` divided by the map size.
 
     Returns:
         ``(n * n, 2)`` float32 tensor of (x, y) in (0, 1).
@@ -74,6 +86,30 @@ def initial_grid_points(n: int, device: torch.device | None = None) -> torch.Ten
     centres = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n  # (n,)
     y, x = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each, row-major
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)  # (n*n, 2) as (x, y)
+
+
+@register_notrace_function
+def check_psvit_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int], dynamic_img_size: bool) -> None:
+    """Refuse inputs PS-ViT cannot take, naming the offending value (an FX leaf: plain Python checks)."""
+    if x.ndim != 4:
+        raise ValueError(f"PS-ViT expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"PS-ViT expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    size = tuple(x.shape[-2:])
+    if dynamic_img_size:
+        if size[0] % FEATURE_STRIDE or size[1] % FEATURE_STRIDE or min(size) < 2 * FEATURE_STRIDE:
+            raise ValueError(f"PS-ViT input size {size} must be divisible by {FEATURE_STRIDE} and at least "
+                             f"{2 * FEATURE_STRIDE}")
+    elif size != tuple(img_size):
+        raise ValueError(f"PS-ViT built for {tuple(img_size)} inputs got size {size}; "
+                         "build it with img_size=... or dynamic_img_size=True")
+
+
+@register_notrace_function
+def pixels_to_normalised(features: torch.Tensor) -> torch.Tensor:
+    """(2,) factors that turn (x, y) offsets in feature pixels into normalised map units: (1 / W, 1 / H)."""
+    height, width = features.shape[-2:]
+    return features.new_tensor([1.0 / width, 1.0 / height])  # (2,) for (x, y)
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -132,14 +168,14 @@ class FeatureExtractor(nn.Module):
 
 
 class ProgressiveSampling(nn.Module):
-    """The progressive sampling module of section 3.1 (Figure 3, eqs. 1-5).
+    """The progressive sampling module of section 3.1 (Figure 3, PS-ViT eqs. 1-5).
 
     For ``t = 1..N``::
 
-        T'_t = F(p_t)                    bilinear sampling at fractional points       (eq. 3)
-        P_t  = W p_t                     one linear map shared by all iterations      (eq. 4)
-        T_t  = Transformer_t(T'_t + P_t + T_{t-1}),   T_0 = 0                         (eq. 4)
-        o_t  = M_t T_t,  p_{t+1} = p_t + o_t          (t < N)                          (eqs. 5, 1)
+        T'_t = F(p_t)                    bilinear sampling at fractional points       (PS-ViT eq. 3)
+        P_t  = W p_t                     one linear map shared by all iterations      (PS-ViT eq. 4)
+        T_t  = Transformer_t(T'_t + P_t + T_{t-1}),   T_0 = 0                         (PS-ViT eq. 4)
+        o_t  = M_t T_t,  p_{t+1} = p_t + o_t          (t < N)                          (PS-ViT eqs. 5, 1)
 
     Args:
         dim: token width C (= channels of F).
@@ -167,12 +203,12 @@ class ProgressiveSampling(nn.Module):
             raise ValueError(f"drop_path needs {num_iters} rates (one per iteration), got {len(drop_path)}")
         n_layers = 1 if share_weights else num_iters
         n_offsets = min(1, num_iters - 1) if share_weights else num_iters - 1  # no offsets after the last iteration
-        self.pos_embed = nn.Linear(2, dim)  # W of eq. 4, shared by all iterations in every variant
+        self.pos_embed = nn.Linear(2, dim)  # W of PS-ViT eq. 4, shared by all iterations in every variant
         self.blocks = nn.ModuleList([
             block_fn(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
                      attn_drop=attn_drop, drop_path=drop_path[i], norm_layer=norm_layer)
             for i in range(n_layers)])
-        # M_t of eq. 5; offsets are in feature-map pixels (release convention), see forward().
+        # M_t of PS-ViT eq. 5; offsets are in feature-map pixels (release convention), see forward().
         self.offset_heads = nn.ModuleList([nn.Linear(dim, 2) for _ in range(n_offsets)])
         self.register_buffer("initial_points", initial_grid_points(num_points), persistent=False)
 
@@ -197,23 +233,23 @@ class ProgressiveSampling(nn.Module):
             ``T_N`` as ``(B, n*n, C)`` and the sampling points ``[p_1, ..., p_N]``, each ``(B, n*n, 2)``
             normalised (x, y), detached (Figure 5's arrows run from ``p_1`` to ``p_N``).
         """
-        batch, _, height, width = features.shape
-        points = self.initial_points.to(features.dtype).expand(batch, -1, -1)  # (B, n*n, 2) p_1, eq. 2
+        batch = features.shape[0]
+        points = self.initial_points.to(features.dtype).expand(batch, -1, -1)  # (B, n*n, 2) p_1, PS-ViT eq. 2
         # Offsets come out in feature pixels; dividing by the map size keeps their scale independent of n.
-        to_normalised = features.new_tensor([1.0 / width, 1.0 / height])  # (2,) for (x, y)
+        to_normalised = pixels_to_normalised(features)  # (2,) for (x, y)
         tokens: torch.Tensor | None = None  # T_0 = 0
         trace: list[torch.Tensor] = []
         for t in range(self.num_iters):
-            sampled = sample_points(features, points)  # (B, n*n, C) T'_t, eq. 3; grads flow to o_{t-1}
-            fixed = points.detach()  # (B, n*n, 2) eq. 9: o_{t-1} learns through the sampling only
+            sampled = sample_points(features, points)  # (B, n*n, C) T'_t, PS-ViT eq. 3; grads flow to o_{t-1}
+            fixed = points.detach()  # (B, n*n, 2) PS-ViT eq. 9: o_{t-1} learns through the sampling only
             x = sampled + self.pos_embed(fixed)  # (B, n*n, C) T'_t + P_t
             if tokens is not None:
                 x = x + tokens  # (B, n*n, C) + T_{t-1}
             tokens = self.block_at(t)(x)  # (B, n*n, C) T_t
             trace.append(fixed)
             if t < self.num_iters - 1:
-                offsets = self.offset_head_at(t)(tokens) * to_normalised  # (B, n*n, 2) o_t, eq. 5
-                points = fixed + offsets  # (B, n*n, 2) p_{t+1}, eq. 1
+                offsets = self.offset_head_at(t)(tokens) * to_normalised  # (B, n*n, 2) o_t, PS-ViT eq. 5
+                points = fixed + offsets  # (B, n*n, 2) p_{t+1}, PS-ViT eq. 1
         assert tokens is not None
         return tokens, trace
 
@@ -225,16 +261,10 @@ class PSViT(nn.Module):
     """PS-ViT classifier: feature extractor, progressive sampling, vision transformer module, head.
 
     Keeps timm's contract: ``forward_features(x) -> (B, 1 + n*n, C)`` (after the final norm;
-    ``(B, 1 + K'max, C)`` with ATS, padded rows zero), ``forward_head(x, pre_logits=False)``,
-    ``num_classes``, ``num_features``, ``reset_classifier``, ``no_weight_decay``.
-
-    After every forward (Figure 5 and ATS visualisations):
-
-    * ``sampling_trace``: ``(N, B, n*n, 2)`` points ``p_1 .. p_N``, normalised (x, y) on the feature map.
-      Times the image's (W, H) gives image coordinates, up to the stem's receptive-field offset (the
-      centre of map pixel ``i`` sits at image pixel ``4i + 0.5``, not ``4i + 2``: 1.5 px at most);
-    * ``ats_trace``: one :class:`models.ats.ATSStageTrace` per ATS layer, whose positions index the
-      ``n*n`` sampled tokens (so ``sampling_trace[-1]`` gathers their points); ``ats_token_mask``.
+    ``(B, 1 + K'max, C)`` with ATS, padded rows exactly zero), ``forward_head(x, pre_logits=False)``
+    (without ``token_mask`` all-zero rows are the padding, so ``forward_head(forward_features(x))``
+    equals ``forward(x)``), ``num_classes``, ``num_features``, ``reset_classifier``, ``no_weight_decay``.
+    The sampling points and ATS picks of a forward are emitted as trace records (module docstring).
 
     Args:
         img_size: expected input size (square int or (H, W)); see ``dynamic_img_size``.
@@ -277,10 +307,7 @@ class PSViT(nn.Module):
         self.num_iters = num_iters
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1
-        self.sampling_trace: torch.Tensor | None = None  # (N, B, n*n, 2) after a forward
-        self.ats_token_mask: torch.Tensor | None = None  # (B, 1 + K'max) live tokens after ATS, else None
         self.grad_checkpointing = False
-        self.ats_trace: list[ATSStageTrace] = []  # per ATS stage: kept token indices into the n*n tokens
 
         # Stochastic depth grows linearly over all N + N_v layers, sampling layers first (as in the release).
         dpr = torch.linspace(0, drop_path_rate, num_iters + depth).tolist()
@@ -342,64 +369,53 @@ class PSViT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"PS-ViT expects (B, C, H, W) images, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"PS-ViT expects {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
-        size = tuple(x.shape[-2:])
-        if self.dynamic_img_size:
-            if size[0] % FEATURE_STRIDE or size[1] % FEATURE_STRIDE or min(size) < 2 * FEATURE_STRIDE:
-                raise ValueError(f"PS-ViT input size {size} must be divisible by {FEATURE_STRIDE} and at least "
-                                 f"{2 * FEATURE_STRIDE}")
-        elif size != self.img_size:
-            raise ValueError(f"PS-ViT built for {self.img_size} inputs got size {size}; "
-                             "build it with img_size=... or dynamic_img_size=True")
-
     def forward_sampling(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature extractor + progressive sampling.
 
         Returns:
             tokens ``T_N`` ``(B, n*n, C)`` and points ``(N, B, n*n, 2)`` (normalised (x, y), detached).
         """
-        self._check_input(x)
+        check_psvit_input(x, self.in_chans, self.img_size, self.dynamic_img_size)
         features = self.stem(x)  # (B, C, H/4, W/4) F
         tokens, trace = self.psm(features)  # (B, n*n, C), N x (B, n*n, 2)
         return tokens, torch.stack(trace)  # (N, B, n*n, 2)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, points = self.forward_sampling(x)
-        self.sampling_trace = points
+    def forward_features_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) -> tokens (B, 1 + n*n | 1 + K'max, C) after the final norm (padded rows zero) and
+        their mask (B, 1 + K'max), or None without ATS."""
+        tokens, points = self.forward_sampling(x)  # (B, n*n, C), (N, B, n*n, 2)
+        if recording():
+            for t in range(points.shape[0]):
+                emit(SampledPoints(t + 1, f"iteration {t + 1}", points[t][:, :, None, :]))  # (B, n*n, 1, 2) p_t
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, C)
-        x = torch.cat([cls, tokens], dim=1)  # (B, 1 + n*n, C), eq. 6; position is already in T_N
+        x = torch.cat([cls, tokens], dim=1)  # (B, 1 + n*n, C), PS-ViT eq. 6; position is already in T_N
         # Plain blocks run as a Sequential would; ATS blocks (after apply_ats) shrink the sequence to
-        # (B, 1 + K'max, C) and pass a token mask on. Trace positions index the n*n sampled tokens.
+        # (B, 1 + K'max, C) and pass a token mask on; ATS picks index the n*n tokens sampled at p_N.
         checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
-        x, mask, self.ats_trace = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint)
-        x = self.norm(x)  # (B, 1 + n*n | 1 + K'max, C)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)  # the norm maps zero padding to its bias: re-zero
-        self.ats_token_mask = mask
-        return x
+        x, mask = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint, candidates_xy=points[-1])
+        return zero_padding(self.norm(x), mask), mask  # the norm maps zero padding to its bias: re-zero
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        mask = self.ats_token_mask  # ATS padding of the last forward_features, if it produced these tokens
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-            mask = None
-        x = masked_pool(x, mask, self.global_pool, self.num_prefix_tokens)  # (B, C) class token or live mean
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features_masked(x)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if token_mask is None and self.global_pool == "avg":
+            token_mask = nonzero_token_mask(x)  # (B, N): padded rows of forward_features are exactly zero
+        x = masked_pool(x, token_mask, self.global_pool, self.num_prefix_tokens)  # (B, C) class token or live mean
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        x, mask = self.forward_features_masked(x)
+        return self.forward_head(x, token_mask=full_mask_if_none(mask, x))
 
 
-def apply_ats_to_psvit(model: PSViT, layers: Sequence[int] | None = None, k: int | Sequence[int | None] | None = None,
-                       ratio: float | Sequence[float | None] | None = None, floor: int = 8) -> PSViT:
+def apply_ats_to_psvit(model: PSViT, stages: Sequence[int] | None = None, k: int | Sequence[int | None] | None = None,
+                       ratio: float | Sequence[float | None] | None = None, floor: int = DEFAULT_K_FLOOR) -> PSViT:
     """Put ATS into PS-ViT's vision transformer module in place (ATS paper, section 4 and Table 1).
 
-    ``layers`` are 0-based indices into ``model.blocks``; the default is the paper's "stages 1-9 of the
+    ``stages`` are 0-based indices into ``model.blocks``; the default is the paper's "stages 1-9 of the
     transformer module", read with the ATS paper's own 0-based block numbering (its DeiT-S "3-11" are
     the last nine of blocks 0-11): every layer but the first, whose class attention is the noisiest
     (ATS appendix, Table A.4). ``k`` / ``ratio`` (one for all layers or one per layer) bound the kept
@@ -407,8 +423,8 @@ def apply_ats_to_psvit(model: PSViT, layers: Sequence[int] | None = None, k: int
     state-dict keys are unchanged, so a PS-ViT checkpoint loads into the ATS model strictly.
     ``models.ats.set_ats_k`` changes K later without touching weights.
     """
-    layers = list(range(1, len(model.blocks))) if layers is None else list(layers)
-    convert_blocks(model.blocks, layers, k=k, ratio=ratio, floor=floor)
+    stages = list(range(1, len(model.blocks))) if stages is None else list(stages)
+    convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor)
     return model
 
 
@@ -435,7 +451,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PSViT, *,
     * coordinates: the release orders points (y, x) in pixel-index units (pixel centre at the integer);
       Glimpse uses normalised (x, y) with pixel centres at ``(i + 0.5) / size``. The position map's columns
       are swapped and its bias absorbs the half-pixel shift; the offset layers' output rows are swapped
-      (both predict feature pixels). Only the initial grid differs (eq. 2 read as cell centres: half a
+      (both predict feature pixels). Only the initial grid differs (PS-ViT eq. 2 read as cell centres: half a
       feature pixel up-left of the release's), which the weights cannot absorb;
     * attention scale: the released weights were trained with ``qk_scale = C ** -0.5`` (the ``pretrained``
       branch of its variant functions) where timm's ``Block`` uses ``head_dim ** -0.5``; with
@@ -505,12 +521,7 @@ default_cfgs = {name: _cfg() for name in (
 
 
 def _create_psvit(variant: str, pretrained: bool = False, **kwargs) -> PSViT:
-    model = build_model_with_cfg(PSViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    input_size = (model.in_chans, *model.img_size)
-    if tuple(model.pretrained_cfg.get("input_size", ())) != input_size:
-        # Built with img_size= / in_chans=: data pipelines and FLOP counts read the size from the cfg.
-        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": input_size}
-    return model
+    return build_model_with_cfg(PSViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 # Table 2: N = 4 sampling iterations; Ti: N_v = 8, C = 192, M = 3; B: N_v = 10, C = 384, M = 6.
@@ -570,17 +581,18 @@ def psvit_b_18_shared(pretrained: bool = False, **kwargs) -> PSViT:
                          **{**_B, "num_points": 18, "share_psm_weights": True, **kwargs})
 
 
-def _create_psvit_ats(variant: str, pretrained: bool = False, *, ats_layers: Sequence[int] | None = None,
+def _create_psvit_ats(variant: str, pretrained: bool = False, *, ats_stages: Sequence[int] | None = None,
                       ats_k: int | Sequence[int | None] | None = None,
-                      ats_ratio: float | Sequence[float | None] | None = None, **kwargs) -> PSViT:
+                      ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR,
+                      **kwargs) -> PSViT:
     model = _create_psvit(variant, pretrained, **kwargs)
-    return apply_ats_to_psvit(model, ats_layers, k=ats_k, ratio=ats_ratio)
+    return apply_ats_to_psvit(model, ats_stages, k=ats_k, ratio=ats_ratio, floor=ats_floor)
 
 
 @register_glimpse
 def psvit_b_14_ats(pretrained: bool = False, **kwargs) -> PSViT:
     """PS-ViT-B/14 + ATS in layers 1-9 of the vision transformer module (ATS Table 1: 3.7 GFLOPs on
-    average over ImageNet with fine-tuned weights; ``ats_k`` / ``ats_ratio`` / ``ats_layers`` kwargs)."""
+    average over ImageNet with fine-tuned weights; ``ats_stages`` / ``ats_k`` / ``ats_ratio`` / ``ats_floor``)."""
     return _create_psvit_ats("psvit_b_14_ats", pretrained, **{**_B, "num_points": 14, **kwargs})
 
 

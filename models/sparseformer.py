@@ -1,14 +1,14 @@
 """SparseFormer: Sparse Visual Recognition via Limited Latent Tokens (Gao, Tong, Wang, Shou; ICLR 2024).
 
 Paper: ``/work/shared/papers/sparseformer.txt``. An image is represented by N latent tokens, each an
-embedding ``t`` (d) and an RoI ``b = (x, y, w, h)`` normalised to the image (eq. 1). A lightweight early
+embedding ``t`` (d) and an RoI ``b = (x, y, w, h)`` normalised to the image (SparseFormer eq. 1). A lightweight early
 convolution makes a stride-4 feature map; every *sampling stage* then
 
-1. adjusts each token's RoI with detector-style deltas from the token (eqs. 7-9),
-2. generates P sampling offsets per token from a linear layer (eq. 2), normalises them per token by three
-   standard deviations and places them in the RoI (eq. 3),
+1. adjusts each token's RoI with detector-style deltas from the token (SparseFormer eqs. 7-9),
+2. generates P sampling offsets per token from a linear layer (SparseFormer eq. 2), normalises them per token by three
+   standard deviations and places them in the RoI (SparseFormer eq. 3),
 3. samples the feature map bilinearly at those points (``models.point_sampling.sample_points``),
-4. decodes the P x C samples with *adaptive mixing* (eqs. 4-6: channel mixing then spatial mixing, both
+4. decodes the P x C samples with *adaptive mixing* (SparseFormer eqs. 4-6: channel mixing then spatial mixing, both
    with weights generated from the token), a linear map to d, and a residual add.
 
 The *focusing transformer* is one such stage plus self-attention and an FFN, repeated L_f = 4 times with
@@ -21,13 +21,14 @@ checkpoints convert exactly (``checkpoint_filter_fn``):
 
 * layer order inside a sampling layer: self-attention, RoI adjustment, sampling + mixing, FFN;
 * 64 attention heads at every width (the paper states no head count);
-* eq. 3 is applied without its 0.5 factor (``x + dx * w`` with ``dx`` normalised by 3 std): the release
+* SparseFormer eq. 3 is applied without its 0.5 factor (``x + dx * w`` with ``dx`` normalised by 3 std): the release
   does so, and only then does the initial 6 x 6 grid of points span the RoI (with the factor it would cover
   its central 45 %);
 * RoI deltas and sampling-offset layers carry a LayerNorm whose weight starts at ``1/sqrt(d)``; the
   gradient reaching each sampling coordinate is clamped to one feature pixel (``point_grad_limit``).
 
-Every forward records the sampling geometry of each stage in ``model.sampling_trace`` (Figures 3-4).
+Inside :func:`models.trace.record` every sampling stage emits its geometry as a
+:class:`models.trace.SampledPoints` (RoIs and points, Figures 3-4); nothing is stored on the model.
 VideoSparseFormer (section 3.2) lives in ``models/video_sparseformer.py`` and reuses these blocks.
 """
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,14 +45,15 @@ from timm.layers import Attention, Mlp, drop_path, trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import Tensor
 
-from models.checkpoint import CheckpointMismatchError, load_checkpoint
+from models.checkpoint import CheckpointMismatchError
 from models.point_sampling import sample_points
 from models.registry import register_glimpse
+from models.trace import SampledPoints, emit, recording
 from models.weight_init import init_linear_and_norm_
 
 __all__ = [
     "SparseFormer", "SparseFormerBlock", "SparseSampler", "AdaptiveMixing", "MixingMatmuls", "SamplingOffsets",
-    "RoIAdjust", "EarlyConv", "SamplingRecord", "adjust_rois", "offsets_to_points", "grid_rois",
+    "RoIAdjust", "EarlyConv", "adjust_rois", "offsets_to_points", "grid_rois",
     "grid_offsets", "channel_normalize", "checkpoint_filter_fn", "analytic_gflops",
 ]
 
@@ -70,7 +71,7 @@ def channel_normalize(x: Tensor, dim: int = 1, eps: float = 1e-5) -> Tensor:
 
 
 def adjust_rois(rois: Tensor, deltas: Tensor) -> Tensor:
-    """RoI adjustment, eqs. 7-8, for any number of axes A (2: x, y; 3: x, y, t).
+    """RoI adjustment, SparseFormer eqs. 7-8, for any number of axes A (2: x, y; 3: x, y, t).
 
     Args:
         rois: ``(..., 2A)`` as (centre_1..A, size_1..A), normalised to [0, 1] of the input.
@@ -80,23 +81,23 @@ def adjust_rois(rois: Tensor, deltas: Tensor) -> Tensor:
     """
     axes = rois.shape[-1] // 2
     centre, size = rois[..., :axes], rois[..., axes:]  # (..., A) each
-    centre = centre + deltas[..., :axes] * size  # eq. 7
-    size = size * torch.exp(deltas[..., axes:])  # eq. 8
+    centre = centre + deltas[..., :axes] * size  # SparseFormer eq. 7
+    size = size * torch.exp(deltas[..., axes:])  # SparseFormer eq. 8
     return torch.cat([centre, size], dim=-1)
 
 
 def offsets_to_points(rois: Tensor, offsets: Tensor, eps: float = 1e-5) -> Tensor:
-    """Absolute sampling points from per-token offsets (eq. 3 with the per-token normalisation).
+    """Absolute sampling points from per-token offsets (SparseFormer eq. 3 with the per-token normalisation).
 
     Args:
         rois: ``(B, N, 2A)`` RoIs (centre, size).
-        offsets: ``(B, N, P, A)`` raw offsets from eq. 2.
+        offsets: ``(B, N, P, A)`` raw offsets from SparseFormer eq. 2.
     Returns:
         ``(B, N, P, A)`` points normalised to [0, 1] of the feature map / clip.
 
     Each axis of each token's offsets is standardised over its P points and divided by 3 (so ~87 % of
     Gaussian offsets fall inside the RoI, and a uniform grid spans +-0.45 of its size), then scaled by the
-    RoI size and added to the RoI centre. The release omits eq. 3's factor 0.5; we follow it (module doc).
+    RoI size and added to the RoI centre. The release omits SparseFormer eq. 3's factor 0.5; we follow it (module doc).
     """
     axes = offsets.shape[-1]
     mean = offsets.mean(dim=-2, keepdim=True)  # (B, N, 1, A)
@@ -169,21 +170,6 @@ def clamp_point_grad(points: Tensor, feature_sizes: Sequence[int], pixels: float
     return _ClampGrad.apply(points, limit)
 
 
-@dataclass
-class SamplingRecord:
-    """Geometry of one sampling stage, for visualisation (Figures 3-4). Detached tensors.
-
-    ``rois``: ``(B, N, 2A)`` as (x, y[, t], w, h[, l]) after this stage's adjustment; ``points``:
-    ``(B, N, P, A)`` as (x, y[, t]); all normalised to [0, 1] of the input (or clip). ``stage`` counts from 1
-    (1..L_f: focusing repeats, L_f + 1: first cortex layer); ``name`` says which.
-    """
-
-    stage: int
-    name: str
-    rois: Tensor
-    points: Tensor
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +198,7 @@ class EarlyConv(nn.Module):
 
 
 class RoIAdjust(nn.Module):
-    """Eq. 9: deltas ``(t_x, t_y[, t_t], t_w, t_h[, t_l]) = Linear(LN(t))``, zero-initialised (no move at start)."""
+    """SparseFormer eq. 9: deltas ``(t_x, t_y[, t_t], t_w, t_h[, t_l]) = Linear(LN(t))``, zero-initialised (no move at start)."""
 
     def __init__(self, dim: int, num_axes: int = 2) -> None:
         super().__init__()
@@ -229,7 +215,7 @@ class RoIAdjust(nn.Module):
 
 
 class SamplingOffsets(nn.Module):
-    """Eq. 2: P offsets per token from ``Linear(LN(t)) + bias``; weight zero, bias on a grid at start (A.3).
+    """SparseFormer eq. 2: P offsets per token from ``Linear(LN(t)) + bias``; weight zero, bias on a grid at start (A.3).
 
     ``bias`` is ``(P, A)``; for videos (A = 3) its temporal column is set by the video model.
     """
@@ -255,7 +241,7 @@ class SamplingOffsets(nn.Module):
 
 
 class MixingMatmuls(nn.Module):
-    """The two per-token matmuls of adaptive mixing (eqs. 5-6), with their biases and GELUs.
+    """The two per-token matmuls of adaptive mixing (SparseFormer eqs. 5-6), with their biases and GELUs.
 
     A separate parameter-free module so that FLOP counters can report them apart: the paper's GFLOPs leave
     them out (fvcore had no rule for them), so ``exclude_from_paper_flops`` marks them.
@@ -265,12 +251,12 @@ class MixingMatmuls(nn.Module):
 
     def forward(self, x: Tensor, channel_w: Tensor, spatial_w: Tensor, channel_b: Tensor, spatial_b: Tensor) -> Tensor:
         # x (BN, P, C); channel_w (BN, C, C); spatial_w (BN, P, P); channel_b (C,); spatial_b (P,)
-        x = F.gelu(torch.bmm(x, channel_w) + channel_b)  # (BN, P, C)  eq. 5: x M_c
-        return F.gelu(torch.bmm(spatial_w, x) + spatial_b[:, None])  # (BN, P, C)  eq. 6: M_s x
+        x = F.gelu(torch.bmm(x, channel_w) + channel_b)  # (BN, P, C)  SparseFormer eq. 5: x M_c
+        return F.gelu(torch.bmm(spatial_w, x) + spatial_b[:, None])  # (BN, P, C)  SparseFormer eq. 6: M_s x
 
 
 class AdaptiveMixing(nn.Module):
-    """Adaptive feature decoding (eqs. 4-6) followed by the linear map to d.
+    """Adaptive feature decoding (SparseFormer eqs. 4-6) followed by the linear map to d.
 
     ``F: d -> C*C + P*P`` is two linear layers with hidden width d/4 (after a LayerNorm); its last layer
     starts at zero weight and Xavier-initialised bias, so at first the mixing is a static (token-independent)
@@ -303,7 +289,7 @@ class AdaptiveMixing(nn.Module):
 
     def forward(self, sampled: Tensor, x: Tensor) -> Tensor:
         b, n, p, c = sampled.shape  # (B, N, P, C)
-        params = self.generator(x).reshape(b * n, -1)  # (BN, C*C + P*P)  eq. 4
+        params = self.generator(x).reshape(b * n, -1)  # (BN, C*C + P*P)  SparseFormer eq. 4
         channel_w, spatial_w = params.split([c * c, p * p], dim=-1)
         channel_w = channel_w.reshape(b * n, c, c)  # (BN, C, C)
         spatial_w = spatial_w.reshape(b * n, p, p)  # (BN, P, P)
@@ -450,7 +436,6 @@ class SparseFormer(nn.Module):
         steps = self.focus_repeats + cortex_depth  # linear stochastic depth over every layer application
         rates = [drop_path_rate * i / max(steps - 1, 1) for i in range(steps)]
         self.focus_drop_path, self.cortex_drop_path = rates[:self.focus_repeats], rates[self.focus_repeats:]
-        self.sampling_trace: list[SamplingRecord] = []
         self.init_weights()
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -507,22 +492,30 @@ class SparseFormer(nn.Module):
         return self.stem(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W) -> (B, N, d_c)`` latent tokens; fills ``self.sampling_trace``."""
+        """``(B, 3, H, W) -> (B, N, d_c)`` latent tokens.
+
+        Inside :func:`models.trace.record` each sampling stage emits a :class:`models.trace.SampledPoints`:
+        stage 1..L_f the focusing repeats ("focusing i"), then the first cortex layer ("cortex 1"), with
+        its RoIs ``(B, N, 2A)`` after the adjustment and points ``(B, N, P, A)``, normalised to the input.
+        """
         self.check_input(x)
         features = self.extract_features(x)  # (B, C, H/4, W/4) or (B, C, T, H/4, W/4)
         b = x.shape[0]
         tokens = self.latent_embed[None].expand(b, -1, -1)  # (B, N, d_f)
         rois = self.latent_rois[None].expand(b, -1, -1)  # (B, N, 2A)
-        trace: list[SamplingRecord] = []
+        traced, stage = recording(), 0
         for i in range(self.focus_repeats):
             tokens, rois, points = self.focus(tokens, rois, features, self.focus_drop_path[i])
-            trace.append(SamplingRecord(i + 1, f"focusing {i + 1}", rois.detach(), points.detach()))
+            stage += 1
+            if traced:
+                emit(SampledPoints(stage, f"focusing {i + 1}", points, rois))
         tokens = self.bridge(tokens)  # (B, N, d_c)
         for i, block in enumerate(self.cortex):
             tokens, rois, points = block(tokens, rois, features, self.cortex_drop_path[i])
             if points is not None:
-                trace.append(SamplingRecord(len(trace) + 1, f"cortex {i + 1}", rois.detach(), points.detach()))
-        self.sampling_trace = trace
+                stage += 1
+                if traced:
+                    emit(SampledPoints(stage, f"cortex {i + 1}", points, rois))
         return tokens
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -532,11 +525,6 @@ class SparseFormer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-    @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-        """The family's checkpoint adapter (module function below), found on the model by loaders."""
-        return checkpoint_filter_fn(state_dict, model)
 
 
 def analytic_gflops(model: SparseFormer, input_size: Sequence[int]) -> tuple[float, float]:
@@ -561,9 +549,9 @@ def analytic_gflops(model: SparseFormer, input_size: Sequence[int]) -> tuple[flo
         if block.sampler is not None:
             a = model.num_axes
             macs += n * d * (2 * a + p * a) + 2 * 5 * n * d  # RoI deltas and offsets, with their LayerNorms
-            macs += 5 * n * d + n * (d * (d // 4) + (d // 4) * (c * c + p * p))  # weight generator F (eq. 4)
+            macs += 5 * n * d + n * (d * (d // 4) + (d // 4) * (c * c + p * p))  # weight generator F (SparseFormer eq. 4)
             macs += n * p * c * 4 + n * p * c * d  # sampling, linear map to d
-            mix = n * (p * c * c + p * p * c)  # eqs. 5-6
+            mix = n * (p * c * c + p * p * c)  # SparseFormer eqs. 5-6
         return macs + mix, mix
 
     focus, focus_mix = layer(model.focus, d_f)
@@ -662,18 +650,9 @@ default_cfgs = {
 }
 
 
-def _create_sparseformer(variant: str, **kwargs: Any) -> SparseFormer:
-    if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained=True would download weights; pass checkpoint_path=<local file> instead")
-    checkpoint_path = kwargs.pop("checkpoint_path", None)
+def _create_sparseformer(variant: str, pretrained: bool = False, **kwargs: Any) -> SparseFormer:
     # The cfg comes from timm's registry (``default_cfgs`` below) unless create_model passes another.
-    model = build_model_with_cfg(SparseFormer, variant, pretrained=False, **kwargs)
-    # The cfg's input size follows img_size, so pipelines and FLOP counters read what the model was built for.
-    h, w = model.img_size
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": (model.in_chans, h, w)}
-    if checkpoint_path:
-        load_checkpoint(model, checkpoint_path, filter_fn=checkpoint_filter_fn)
-    return model
+    return build_model_with_cfg(SparseFormer, variant, pretrained, **kwargs)
 
 
 @register_glimpse

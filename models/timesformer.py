@@ -37,29 +37,28 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, Mlp
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from models.ats import DEFAULT_K_FLOOR, ATSSamplingMixin, ATSStageTrace
+from models.ats import DEFAULT_K_FLOOR, check_ats_stages
+from models.attention import zero_padding
 from models.registry import register_glimpse
 from models.video_vit_common import (
     FrameAttention,
     TokenState,
+    VideoATSMixin,
+    VideoViTMixin,
     ats_clip_attention,
-    check_ats_stages,
-    check_video_input,
     configure_ats,
     create_video_vit,
-    fill_from_model,
+    forward_video_blocks,
     frame_key_mask,
     gather_positions,
     initial_state,
-    vit_b_kwargs,
-    vit_pos_embed_to_grid,
-    with_paper_ats_stages,
+    is_video_checkpoint,
+    resize_pos_embed,
+    with_class_live,
 )
-from models.weight_init import init_linear_and_norm_
 
 __all__ = ["TimeSformer", "DividedBlock", "ATSDividedBlock", "checkpoint_filter_fn", "analytic_flops"]
 
@@ -120,9 +119,7 @@ class DividedBlock(nn.Module):
         res_p = res[:, 1:].view(b, t, s, d).transpose(1, 2).reshape(b, s * t, d)  # (B, S*T, D)
         x = torch.cat([cls, patches], dim=1) + self.drop_path(torch.cat([res_cls, res_p], dim=1))  # (B, 1+S*T, D)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if token_mask is not None:
-            x = x * token_mask.unsqueeze(-1).to(x.dtype)  # padded tokens stay exactly zero
-        return x
+        return zero_padding(x, token_mask)  # (B, 1+S*T, D), padded tokens exactly zero
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         t = self.num_frames
@@ -132,24 +129,15 @@ class DividedBlock(nn.Module):
         return self._finish(x[:, :1], patches, res, _token_mask(state.mask, t)), state
 
 
-class ATSDividedBlock(ATSSamplingMixin, DividedBlock):
+class ATSDividedBlock(VideoATSMixin, DividedBlock):
     """TimeSformer block with ATS in its spatial attention (positions sampled once per clip).
 
     Same parameters as :class:`DividedBlock` (ATS has none). The temporal attention runs on all live
-    positions; the spatial attention scores the positions from the class rows (eq. 3, averaged over
-    frames), samples ``K' <= K`` positions per clip (eqs. 4-5) and computes only the class + kept rows
-    of every frame with fused SDPA (eq. 6); the MLP and all later blocks see ``1 + K'max * T`` tokens.
+    positions; the spatial attention scores the positions from the class rows (ATS eq. 3, averaged over
+    frames), samples ``K' <= K`` positions per clip (ATS eqs. 4-5) and computes only the class + kept rows
+    of every frame (ATS eq. 6); the MLP and all later blocks see ``1 + K'max * T`` tokens.
     K is an inference-time knob (:func:`models.ats.set_ats_k`).
     """
-
-    def __init__(self, *args: Any, ats_k: int | None = None, ats_ratio: float | None = None,
-                 ats_floor: int = DEFAULT_K_FLOOR, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_k(ats_k, ats_ratio, floor=ats_floor)
-        self.last_trace: ATSStageTrace | None = None
-
-    def extra_repr(self) -> str:
-        return self.ats_extra_repr()
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         b, n, d = x.shape
@@ -158,13 +146,11 @@ class ATSDividedBlock(ATSSamplingMixin, DividedBlock):
         patches = self._temporal(x)  # (B, S*T, D)
         xs = self.norm1(self._frames(x[:, :1], patches))  # (B*T, 1+S, D)
         q, k, v = self.attn.qkv_heads(xs)  # (B*T, H, 1+S, Dh) each
-        out, idx, valid = ats_clip_attention(q, k, v, num_frames=t, pos_mask=state.mask, sampler=self,
-                                             scale=self.attn.scale, dropout_p=self.attn.dropout_p)
+        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self)
         res = self.attn.merge_heads(out)  # (B*T, 1+K'max, D)
         kmax = idx.shape[1]
         kept = gather_positions(patches.view(b, s, t, d), idx, dim=1).reshape(b, kmax * t, d)  # (B, K'max*T, D)
         positions = gather_positions(state.positions, idx, dim=1)  # (B, K'max) original grid indices
-        self.last_trace = ATSStageTrace(self.stage, positions.detach(), valid.detach())
         return self._finish(x[:, :1], kept, res, _token_mask(valid, t)), TokenState(valid, positions)
 
 
@@ -172,14 +158,13 @@ def _token_mask(pos_mask: Tensor | None, num_frames: int) -> Tensor | None:
     """(B, S) position mask -> (B, 1 + S*T) token mask in the (s, t) token order, class token live."""
     if pos_mask is None:
         return None
-    tokens = pos_mask.repeat_interleave(num_frames, dim=1)  # (B, S*T): position s covers tokens s*T .. s*T+T-1
-    return torch.cat([torch.ones_like(pos_mask[:, :1]), tokens], dim=1)  # (B, 1+S*T)
+    return with_class_live(pos_mask.repeat_interleave(num_frames, dim=1))  # (B, 1+S*T): position s = tokens s*T..
 
 
 # ------------------------------------------------------------------------------------------------ model
 
 
-class TimeSformer(nn.Module):
+class TimeSformer(VideoViTMixin, nn.Module):
     """TimeSformer with divided space-time attention; timm's model contract.
 
     Input (B, in_chans, num_frames, img_size, img_size). ``forward_features`` returns the normalised
@@ -197,22 +182,10 @@ class TimeSformer(nn.Module):
                  ats_stages: Sequence[int] = (), ats_k: int | Sequence[int | None] | None = None,
                  ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR) -> None:
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         ats_stages = check_ats_stages(ats_stages, depth)
-        self.num_classes = num_classes
-        self.num_frames = num_frames
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.init_geometry(img_size, patch_size, in_chans, num_frames, embed_dim, num_classes)  # patch_embed too
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's LayerNorm
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_positions = self.patch_embed.num_patches
-        self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -234,67 +207,32 @@ class TimeSformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        init_linear_and_norm_(self)
+        self.init_vit_weights()
         for blk in self.blocks:
             # Zero temporal_fc: the temporal branch starts as an identity residual (release: blocks 1..).
             nn.init.zeros_(blk.temporal_fc.weight)
             nn.init.zeros_(blk.temporal_fc.bias)
 
-    # timm contract --------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (memory for long clips)."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for timm's layer-wise LR decay: embeddings, then one group per block."""
-        return {"stem": r"^cls_token|^pos_embed|^time_embed|^patch_embed",
-                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
-
+    # timm contract (set_grad_checkpointing, group_matcher, get_classifier, reset_classifier, forward:
+    # VideoViTMixin) ---------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "time_embed"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
-        check_video_input(x, in_chans=self.in_chans, num_frames=self.num_frames, img_size=self.img_size,
-                          model=type(self).__name__)
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        tok = self.patch_embed(frames) + self.pos_embed[:, 1:]  # (B*T, S, D): per-frame patches + space pos
+        b, _, t = x.shape[:3]
+        tok = self.patch_embed(self.frames(x)) + self.pos_embed[:, 1:]  # (B*T, S, D): per-frame patches + space pos
         s, d = tok.shape[1], tok.shape[2]
         tok = tok.view(b, t, s, d).transpose(1, 2) + self.time_embed.unsqueeze(1)  # (B, S, T, D) + time pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)  # (B, 1, D)
         x = self.pos_drop(torch.cat([cls, tok.reshape(b, s * t, d)], dim=1))  # (B, 1+S*T, D), (s, t) order
-        state = initial_state(b, s, x.device)
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, state = checkpoint(blk, x, state, use_reentrant=False)
-            else:
-                x, state = blk(x, state)
-        return self.norm(x)  # (B, 1+S'*T, D)
+        x, state = forward_video_blocks(self.blocks, x, initial_state(b, s, x.device), num_frames=t,
+                                        checkpointing=self.grad_checkpointing, grid=self.grid_size)
+        return zero_padding(self.norm(x), _token_mask(state.mask, t))  # (B, 1+S'*T, D), padding zero
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(x[:, 0])  # (B, D) class token
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # ATS ------------------------------------------------------------------------------------------
-    @property
-    def ats_trace(self) -> list[ATSStageTrace]:
-        """Per ATS stage, after the last forward: kept positions (original grid indices) and K' per clip."""
-        return [blk.last_trace for blk in self.blocks if isinstance(blk, ATSDividedBlock) and blk.last_trace is not None]
 
 
 # ------------------------------------------------------------------------------------------- checkpoint
@@ -304,22 +242,18 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: TimeSformer) -> d
     """Adapt a timm-format ImageNet ViT state dict (or a TimeSformer one) to ``model``.
 
     ViT -> TimeSformer inflation, as the release's ``load_pretrained`` does:
-      * ``patch_embed``, every block's ``norm1`` / ``attn`` / ``norm2`` / ``mlp``, ``cls_token`` and ``norm``
-        copied (the per-frame patch embedding IS the image one);
+      * ``patch_embed``, every block's ``norm1`` / ``attn`` / ``norm2`` / ``mlp``, ``cls_token``, ``norm``
+        and the classifier ``head`` keep their names (the per-frame patch embedding IS the image one; a
+        head of another class count is the loader's matter: ``load_checkpoint(classifier=)``);
       * ``pos_embed`` resized bicubically to the model's patch grid (class row kept);
       * temporal attention initialised from the spatial one: ``temporal_norm1 <- norm1``,
         ``temporal_attn <- attn``; ``temporal_fc`` zero (every block, see module docstring);
-        ``time_embed`` zero;
-      * the classifier is kept when its shape fits, otherwise the model's fresh head is used
-        (ImageNet's 1000 classes vs Kinetics' 400/600).
+        ``time_embed`` zero.
     A TimeSformer checkpoint passes through (position embedding resized if the grid differs). Keys the
     model does not have (e.g. DeiT's ``dist_token``) are left in, so strict loading names them.
     """
-    out = dict(state_dict)
-    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
-        out["pos_embed"] = vit_pos_embed_to_grid(out["pos_embed"], model.grid_size)
-    is_video = "time_embed" in out or any(".temporal_attn." in k for k in out)
-    if not is_video:
+    out = resize_pos_embed(state_dict, model)
+    if not is_video_checkpoint(out, ".temporal_attn."):
         for i in range(len(model.blocks)):
             p = f"blocks.{i}."
             for name in ("weight", "bias"):
@@ -331,16 +265,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: TimeSformer) -> d
             out[p + "temporal_fc.weight"] = torch.zeros_like(model.blocks[i].temporal_fc.weight)
             out[p + "temporal_fc.bias"] = torch.zeros_like(model.blocks[i].temporal_fc.bias)
         out["time_embed"] = torch.zeros_like(model.time_embed)
-    head_keys = [k for k in ("head.weight", "head.bias") if k in model.state_dict()]
-    if any(k not in out or out[k].shape != model.state_dict()[k].shape for k in head_keys):
-        for k in ("head.weight", "head.bias"):
-            out.pop(k, None)
-        fill_from_model(out, model, head_keys)
     return out
-
-
-# ``build_video_model(checkpoint_path=...)`` finds the family's adapter on the model.
-TimeSformer.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -387,7 +312,7 @@ def analytic_flops(*, num_frames: int, img_size: int, patch_size: int = 16, embe
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     # Video cfg: input_size is (C, T, H, W); mean/std of the release's Kinetics configs. Only timm
-    # PretrainedCfg fields live here (timm's registry validates them); video extras are in _VIDEO_META.
+    # PretrainedCfg fields live here (timm's registry validates them); the data geometry is in data_cfgs.
     return {"num_classes": 400, "input_size": (3, 8, 224, 224), "mean": (0.45, 0.45, 0.45),
             "std": (0.225, 0.225, 0.225), "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": True,
             "first_conv": "patch_embed.proj", "classifier": "head",
@@ -403,58 +328,52 @@ default_cfgs = {
 for _name in list(default_cfgs):
     default_cfgs[_name + "_ats"] = {**default_cfgs[_name], "notes": ("ATS (Fayyaz et al., ECCV 2022) in blocks 3-5",)}
 
-# Added to each model's pretrained_cfg: sampling_rate = frame stride of the release's configs (8x32, 16x16,
-# 96x4); test_views = (temporal clips, spatial crops) of the papers' "1 x 3 views"; num_frames = T.
-_VIDEO_META = {"timesformer_base": {"sampling_rate": 32}, "timesformer_hr": {"sampling_rate": 16},
-               "timesformer_large": {"sampling_rate": 4}}
+# Data geometry added to pretrained_cfg (models.registry): sampling_rate = frame stride of the release's
+# configs (8x32, 16x16, 96x4); test_views = (temporal clips, spatial crops) of the papers' "1 x 3 views".
+_STRIDES = {"timesformer_base": 32, "timesformer_hr": 16, "timesformer_large": 4}
+data_cfgs = {name: {"sampling_rate": _STRIDES[name.removesuffix("_ats")], "test_views": (1, 3)}
+             for name in default_cfgs}
 
 # ATS paper, appendix E.5: "We integrate our ATS module into the stages 3 to 5 of the TimeSformer".
 ATS_STAGES = (3, 4, 5)
 
 
 def _create(variant: str, **kwargs: Any) -> TimeSformer:
-    return create_video_vit(TimeSformer, variant, default_cfgs, _VIDEO_META, **kwargs)
-
-
-def _vit_b(**kwargs: Any) -> dict[str, Any]:
-    return vit_b_kwargs(**kwargs)
-
-
-def _with_ats(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return with_paper_ats_stages(kwargs, ATS_STAGES)
+    stages = ATS_STAGES if variant.endswith("_ats") else ()
+    return create_video_vit(TimeSformer, default_cfgs[variant], stages, **kwargs)
 
 
 @register_glimpse
 def timesformer_base(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer (ViT-B/16, divided space-time), 8 frames x 224^2: 121M params, 196 GFLOPs per view."""
-    return _create("timesformer_base", pretrained=pretrained, **_vit_b(**kwargs))
+    return _create("timesformer_base", **kwargs)
 
 
 @register_glimpse
 def timesformer_hr(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-HR: 16 frames x 448^2 (Kinetics-600 head), 1703 GFLOPs per view."""
-    return _create("timesformer_hr", pretrained=pretrained, **_vit_b(**kwargs))
+    return _create("timesformer_hr", **kwargs)
 
 
 @register_glimpse
 def timesformer_large(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-L: 96 frames x 224^2, 2380 GFLOPs per view."""
-    return _create("timesformer_large", pretrained=pretrained, **_vit_b(**kwargs))
+    return _create("timesformer_large", **kwargs)
 
 
 @register_glimpse
 def timesformer_base_ats(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer 8x224 with ATS in blocks 3-5 (K = all positions unless ``ats_k`` / ``ats_ratio``)."""
-    return _create("timesformer_base_ats", pretrained=pretrained, **_vit_b(**_with_ats(kwargs)))
+    return _create("timesformer_base_ats", **kwargs)
 
 
 @register_glimpse
 def timesformer_hr_ats(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-HR 16x448 with ATS in blocks 3-5."""
-    return _create("timesformer_hr_ats", pretrained=pretrained, **_vit_b(**_with_ats(kwargs)))
+    return _create("timesformer_hr_ats", **kwargs)
 
 
 @register_glimpse
 def timesformer_large_ats(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-L 96x224 with ATS in blocks 3-5."""
-    return _create("timesformer_large_ats", pretrained=pretrained, **_vit_b(**_with_ats(kwargs)))
+    return _create("timesformer_large_ats", **kwargs)

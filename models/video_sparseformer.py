@@ -6,7 +6,7 @@ one more axis:
 * input ``(B, 3, T, H, W)``; the early convolution runs on every frame, giving a ``C x T x H/4 x W/4`` volume;
 * RoIs become tubes ``(x, y, t, w, h, l)`` (t: temporal centre, l: temporal length, normalised to the clip);
 * sampling offsets gain a temporal component, sampling is trilinear (the shared ``sample_points``), and the
-  RoI adjustment moves and stretches tubes in time as well (eqs. 7-8 on three axes);
+  RoI adjustment moves and stretches tubes in time as well (SparseFormer eqs. 7-8 on three axes);
 * token inflation: ``n_t`` copies of each of the N latent tokens, their tubes tiling the clip in time at
   initialisation (copy k covers ``[k/n_t, (k+1)/n_t]``), so the model carries ``n_t * N`` tokens.
 
@@ -18,7 +18,7 @@ starts as a per-segment image model (with ``n_t = 1`` on a one-frame clip it rep
 Decision (the paper is silent): a *freshly* initialised video model spreads each token's P points through
 its tube in time, by a Latin square over the 6 x 6 spatial grid (every row and column of the grid visits
 all six temporal positions), rather than stacking them on the segment centre. With all temporal offsets
-equal, the per-token standardisation of eq. 3 divides by ~0 and the first update would scatter the points
+equal, the per-token standardisation of SparseFormer eq. 3 divides by ~0 and the first update would scatter the points
 at random; the inflated model accepts that because exact equivalence with the image model matters more.
 """
 
@@ -130,11 +130,6 @@ class VideoSparseFormer(SparseFormer):
         feats = self.stem(frames)  # (B*T, C, H/4, W/4)
         return feats.reshape(b, t, *feats.shape[1:]).transpose(1, 2)  # (B, C, T, H/4, W/4)
 
-    @staticmethod
-    def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VideoSparseFormer) -> dict[str, Tensor]:
-        """``models.registry.build_video_model`` loads ``checkpoint_path`` through this (the module function)."""
-        return checkpoint_filter_fn(state_dict, model)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint adapter
@@ -144,9 +139,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VideoSparseFormer
     """Adapt a checkpoint to a ``VideoSparseFormer``: video checkpoints pass through; image SparseFormer
     checkpoints (Glimpse or the authors' release) are inflated (module doc).
 
-    The image model's token count must equal the video model's ``num_latent_tokens`` (per segment). A
-    classifier of another class count (ImageNet-1k -> Kinetics-400) is replaced by the model's own freshly
-    initialised one, as timm does when ``num_classes`` differs.
+    The image model's token count must equal the video model's ``num_latent_tokens`` (per segment). The
+    classifier passes through as it is: whether one of another class count (ImageNet-1k -> Kinetics-400)
+    is refused or left at the model's initialisation is the loader's rule
+    (:func:`models.checkpoint.load_checkpoint`, ``classifier=``).
     """
     sd = image_checkpoint_filter_fn(state_dict, model)
     rois = sd.get("latent_rois")
@@ -178,14 +174,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VideoSparseFormer
             zero = value.new_zeros(1, value.shape[1])
             value = torch.cat([value[:2], zero, value[2:], zero], dim=0)  # (6, d): x, y, t, w, h, l
         out[key] = value
-
-    own = model.state_dict()
-    for key in ("head.weight", "head.bias"):
-        if key in out and (key not in own or own[key].shape != out[key].shape):
-            if key in own:
-                out[key] = own[key]  # different class count: keep the model's fresh classifier
-            else:
-                del out[key]  # model without classifier (num_classes=0)
     return out
 
 
@@ -195,7 +183,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VideoSparseFormer
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     # Video cfgs keep timm's keys (timm turns them into PretrainedCfg, which has no num_frames field);
-    # input_size is (C, T, H, W) and the build adds ``num_frames`` to ``model.pretrained_cfg``.
+    # input_size is (C, T, H, W); models.registry adds the data_cfgs below to ``model.pretrained_cfg``.
     return {
         "url": "", "num_classes": 400, "input_size": (3, 32, 224, 224), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -209,29 +197,31 @@ default_cfgs = {
     "video_sparseformer_base": _cfg(),
 }
 
+# Data geometry (section 4, Kinetics-400): "32 frames are sampled from the 128 consecutive frames with a
+# stride of 4" and "a 12-view testing scheme (three 3 spatial crops and 4 temporal clips)".
+data_cfgs = {name: {"sampling_rate": 4, "test_views": (4, 3)} for name in default_cfgs}
+
 
 def _create_video_sparseformer(variant: str, **kwargs: Any) -> VideoSparseFormer:
-    model = build_video_model(VideoSparseFormer, variant, default_cfgs[variant], **kwargs)
-    model.pretrained_cfg["num_frames"] = model.num_frames
-    return model
+    return build_video_model(VideoSparseFormer, **kwargs)
 
 
 @register_glimpse
 def video_sparseformer_tiny(pretrained: bool = False, **kwargs: Any) -> VideoSparseFormer:
     """VideoSparseFormer-T (Table 5): SparseFormer-T on 32 x 224^2 clips, n_t = 8; 31M params, 22 GFLOPs/view."""
     args = {"num_latent_tokens": 49, "dims": (256, 512), "depths": (4, 8), **kwargs}
-    return _create_video_sparseformer("video_sparseformer_tiny", pretrained=pretrained, **args)
+    return _create_video_sparseformer("video_sparseformer_tiny", **args)
 
 
 @register_glimpse
 def video_sparseformer_small(pretrained: bool = False, **kwargs: Any) -> VideoSparseFormer:
     """VideoSparseFormer-S (Table 5): SparseFormer-S on 32 x 224^2 clips, n_t = 8; 48M params, 38 GFLOPs/view."""
     args = {"num_latent_tokens": 64, "dims": (320, 640), "depths": (4, 8), **kwargs}
-    return _create_video_sparseformer("video_sparseformer_small", pretrained=pretrained, **args)
+    return _create_video_sparseformer("video_sparseformer_small", **args)
 
 
 @register_glimpse
 def video_sparseformer_base(pretrained: bool = False, **kwargs: Any) -> VideoSparseFormer:
     """VideoSparseFormer-B (Table 5): SparseFormer-B on 32 x 224^2 clips, n_t = 8; 81M params, 74 GFLOPs/view."""
     args = {"num_latent_tokens": 81, "dims": (384, 768), "depths": (4, 10), **kwargs}
-    return _create_video_sparseformer("video_sparseformer_base", pretrained=pretrained, **args)
+    return _create_video_sparseformer("video_sparseformer_base", **args)

@@ -39,30 +39,29 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, Mlp
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from models.ats import DEFAULT_K_FLOOR, ATSSamplingMixin, ATSStageTrace, with_class_token
+from models.ats import DEFAULT_K_FLOOR, check_ats_stages, with_class_token
+from models.attention import zero_padding
 from models.registry import register_glimpse
 from models.video_vit_common import (
     FrameAttention,
     TokenState,
+    VideoATSMixin,
+    VideoViTMixin,
     ats_clip_attention,
-    check_ats_stages,
-    check_video_input,
     configure_ats,
     create_video_vit,
     fill_from_model,
+    forward_video_blocks,
     frame_key_mask,
     gather_positions,
     initial_state,
-    masked_sdpa,
-    vit_b_kwargs,
-    vit_pos_embed_to_grid,
-    with_paper_ats_stages,
+    is_video_checkpoint,
+    resize_pos_embed,
+    with_class_live,
 )
-from models.weight_init import init_linear_and_norm_
 
 __all__ = ["XViT", "MixingAttention", "XViTBlock", "ATSXViTBlock", "TemporalAttentionAggregation",
            "mix_time", "checkpoint_filter_fn", "analytic_flops"]
@@ -106,7 +105,7 @@ class MixingAttention(FrameAttention):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         q, k, v = self.mixed_qkv(x)  # (B*T, H, N, Dh) each
-        return self.merge_heads(masked_sdpa(q, k, v, key_mask, self.dropout_p))  # (B*T, N, D)
+        return self.merge_heads(self.attend(q, k, v, key_mask))  # (B*T, N, D)
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -133,10 +132,7 @@ class XViTBlock(nn.Module):
     def _mlp(self, x: Tensor, pos_mask: Tensor | None) -> Tensor:
         """Residual MLP on (B, T, 1+S, D); padded positions held at zero."""
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if pos_mask is not None:
-            live = torch.cat([torch.ones_like(pos_mask[:, :1]), pos_mask], dim=1)  # (B, 1+S) class live
-            x = x * live[:, None, :, None].to(x.dtype)  # (B, T, 1+S, D)
-        return x
+        return zero_padding(x, with_class_live(pos_mask))  # (B, T, 1+S, D), the same positions in every frame
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         b, t, n, d = x.shape
@@ -145,31 +141,20 @@ class XViTBlock(nn.Module):
         return self._mlp(x, state.mask), state
 
 
-class ATSXViTBlock(ATSSamplingMixin, XViTBlock):
+class ATSXViTBlock(VideoATSMixin, XViTBlock):
     """XViT block with ATS: positions scored per frame (class row, mixed values), sampled once per clip,
-    class + kept rows computed in every frame (eq. 6); the MLP and all later blocks see 1 + K'max tokens
+    class + kept rows computed in every frame (ATS eq. 6); the MLP and all later blocks see 1 + K'max tokens
     per frame. Same parameters as :class:`XViTBlock`; K is an inference-time knob (``set_ats_k``).
     """
-
-    def __init__(self, *args: Any, ats_k: int | None = None, ats_ratio: float | None = None,
-                 ats_floor: int = DEFAULT_K_FLOOR, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_k(ats_k, ats_ratio, floor=ats_floor)
-        self.last_trace: ATSStageTrace | None = None
-
-    def extra_repr(self) -> str:
-        return self.ats_extra_repr()
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         b, t, n, d = x.shape
         q, k, v = self.attn.mixed_qkv(self.norm1(x.reshape(b * t, n, d)))  # (B*T, H, 1+S, Dh) each
-        out, idx, valid = ats_clip_attention(q, k, v, num_frames=t, pos_mask=state.mask, sampler=self,
-                                             scale=self.attn.scale, dropout_p=self.attn.dropout_p)
+        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self)
         res = self.attn.merge_heads(out)  # (B*T, 1+K'max, D)
         rows = with_class_token(idx)  # (B, 1+K'max) class + kept rows, same in every frame
         x = gather_positions(x, rows, dim=2) + self.drop_path(res.view(b, t, -1, d))  # (B, T, 1+K'max, D)
         positions = gather_positions(state.positions, idx, dim=1)  # (B, K'max) original grid indices
-        self.last_trace = ATSStageTrace(self.stage, positions.detach(), valid.detach())
         return self._mlp(x, valid), TokenState(valid, positions)
 
 
@@ -205,7 +190,7 @@ class TemporalAttentionAggregation(nn.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-class XViT(nn.Module):
+class XViT(VideoViTMixin, nn.Module):
     """X-ViT with space-time mixing attention and temporal attention aggregation; timm's model contract.
 
     Input (B, in_chans, num_frames, img_size, img_size). ``forward_features`` returns the normalised
@@ -224,21 +209,9 @@ class XViT(nn.Module):
                  ats_k: int | Sequence[int | None] | None = None,
                  ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR) -> None:
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         ats_stages = check_ats_stages(ats_stages, depth)
-        self.num_classes = num_classes
-        self.num_frames = num_frames
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.init_geometry(img_size, patch_size, in_chans, num_frames, embed_dim, num_classes)  # patch_embed too
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's LayerNorm
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, 1, embed_dim))
@@ -266,50 +239,25 @@ class XViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        init_linear_and_norm_(self)
+        self.init_vit_weights()
 
-    # timm contract --------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (memory for long clips)."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for timm's layer-wise LR decay: embeddings, then one group per block."""
-        return {"stem": r"^cls_token|^pos_embed|^time_embed|^patch_embed",
-                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
-
+    # timm contract (set_grad_checkpointing, group_matcher, get_classifier, reset_classifier, forward:
+    # VideoViTMixin) ---------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "time_embed", "temporal_head.cls_token"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
-        check_video_input(x, in_chans=self.in_chans, num_frames=self.num_frames, img_size=self.img_size,
-                          model=type(self).__name__)
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        tok = self.patch_embed(frames)  # (B*T, S, D)
+        b, _, t = x.shape[:3]
+        tok = self.patch_embed(self.frames(x))  # (B*T, S, D)
         cls = self.cls_token.expand(b * t, -1, -1)  # (B*T, 1, D): one class token per frame
         tok = torch.cat([cls, tok], dim=1) + self.pos_embed  # (B*T, 1+S, D) + space pos (p_s)
         n, d = tok.shape[1], tok.shape[2]
         x = self.pos_drop(tok.view(b, t, n, d) + self.time_embed)  # (B, T, 1+S, D) + time pos (p_t)
-        state = initial_state(b, n - 1, x.device)
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, state = checkpoint(blk, x, state, use_reentrant=False)
-            else:
-                x, state = blk(x, state)
-        return self.norm(x).reshape(b, -1, d)  # (B, T*(1+S'), D)
+        x, state = forward_video_blocks(self.blocks, x, initial_state(b, n - 1, x.device), num_frames=t,
+                                        checkpointing=self.grad_checkpointing, grid=self.grid_size)
+        x = zero_padding(self.norm(x), with_class_live(state.mask))  # (B, T, 1+S', D), padding zero
+        return x.reshape(b, -1, d)  # (B, T*(1+S'), D)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         b, _, d = x.shape
@@ -317,19 +265,10 @@ class XViT(nn.Module):
         z = self.head_act(self.head_hidden(self.fc_norm(self.temporal_head(frames))))  # (B, D)
         return z if pre_logits else self.head(self.head_drop(z))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # ATS ------------------------------------------------------------------------------------------
-    @property
-    def ats_trace(self) -> list[ATSStageTrace]:
-        """Per ATS stage, after the last forward: kept positions (original grid indices) and K' per clip."""
-        return [blk.last_trace for blk in self.blocks if isinstance(blk, ATSXViTBlock) and blk.last_trace is not None]
-
 
 # ------------------------------------------------------------------------------------------- checkpoint
 
-_HEAD_PREFIXES = ("temporal_head.", "fc_norm.", "head_hidden.", "head.")
+_HEAD_PREFIXES = ("temporal_head.", "fc_norm.", "head_hidden.", "head.")  # the classifier "head." last
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: XViT) -> dict[str, Tensor]:
@@ -337,31 +276,20 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: XViT) -> dict[str
 
     ViT -> XViT, as the paper and release initialise it: the mixing has no parameters, so every
     backbone weight (``patch_embed``, ``cls_token``, blocks, ``norm``) is the ViT's own; ``pos_embed`` is
-    resized bicubically to the model's patch grid; ``time_embed`` starts at zero; the ViT's ImageNet
-    classifier is dropped and the temporal aggregation + MLP head keep the model's fresh init (the
-    release replaces the head likewise). An XViT checkpoint passes through (classifier re-initialised
-    if the class count differs). Keys the model lacks (e.g. ``dist_token``) are left for strict loading
-    to name.
+    resized bicubically to the model's patch grid; ``time_embed`` starts at zero. The ViT's classifier
+    reads its class token and has no counterpart here (X-ViT's ``head`` follows the temporal aggregation
+    and a hidden layer), so it is dropped, and the aggregation, ``fc_norm`` and ``head_hidden`` keep the
+    model's fresh init (the release replaces the head likewise); the classifier ``head`` is then the
+    loader's matter (``load_checkpoint(classifier="reset")`` leaves it at its initialisation). An XViT
+    checkpoint passes through. Keys the model lacks (e.g. ``dist_token``) are left for strict loading to
+    name.
     """
-    out = dict(state_dict)
-    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
-        out["pos_embed"] = vit_pos_embed_to_grid(out["pos_embed"], model.grid_size)
-    own = model.state_dict()
-    is_video = "time_embed" in out or any(k.startswith("temporal_head.") for k in out)
-    if not is_video:
+    out = resize_pos_embed(state_dict, model)
+    if not is_video_checkpoint(out, "temporal_head."):
         out = {k: v for k, v in out.items() if not k.startswith(_HEAD_PREFIXES)}
         out["time_embed"] = torch.zeros_like(model.time_embed)
-        fill_from_model(out, model, [k for k in own if k.startswith(_HEAD_PREFIXES)])
-    else:
-        head_keys = [k for k in own if k.startswith("head.")]
-        if any(k not in out or out[k].shape != own[k].shape for k in head_keys):
-            out = {k: v for k, v in out.items() if not k.startswith("head.")}
-            fill_from_model(out, model, head_keys)
+        fill_from_model(out, model, [k for k in model.state_dict() if k.startswith(_HEAD_PREFIXES[:-1])])
     return out
-
-
-# ``build_video_model(checkpoint_path=...)`` finds the family's adapter on the model.
-XViT.checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -411,7 +339,7 @@ def analytic_flops(*, num_frames: int, img_size: int, patch_size: int = 16, embe
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     # Video cfg: input_size is (C, T, H, W); mean/std 0.5 as in the release's Kinetics configs. Only timm
-    # PretrainedCfg fields live here (timm's registry validates them); video extras are in _VIDEO_META.
+    # PretrainedCfg fields live here (timm's registry validates them); the data geometry is in data_cfgs.
     return {"num_classes": 400, "input_size": (3, 8, 224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
             "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": True, "first_conv": "patch_embed.proj",
             "classifier": "head", "paper_name": "Space-time Mixing Attention for Video Transformer",
@@ -425,45 +353,41 @@ default_cfgs = {
 for _name in list(default_cfgs):
     default_cfgs[_name + "_ats"] = {**default_cfgs[_name], "notes": ("ATS (Fayyaz et al., ECCV 2022) in blocks 3-11",)}
 
-# sampling_rate = frame stride (release: 16 frames x 16; 8 frames x 32 covers the same span);
-# test_views = (temporal clips, spatial crops): the ATS paper's "1 x 3" views.
-_VIDEO_META = {"xvit_8": {"sampling_rate": 32}, "xvit_16": {"sampling_rate": 16}}
+# Data geometry added to pretrained_cfg (models.registry): sampling_rate = frame stride (release: 16 frames
+# x 16; 8 frames x 32 covers the same span); test_views = (temporal clips, spatial crops): the ATS paper's
+# "1 x 3" views.
+_STRIDES = {"xvit_8": 32, "xvit_16": 16}
+data_cfgs = {name: {"sampling_rate": _STRIDES[name.removesuffix("_ats")], "test_views": (1, 3)}
+             for name in default_cfgs}
 
 # ATS paper, appendix E.4: "We integrate our ATS module into the stages 3 to 11 of the XViT".
 ATS_STAGES = tuple(range(3, 12))
 
 
 def _create(variant: str, **kwargs: Any) -> XViT:
-    return create_video_vit(XViT, variant, default_cfgs, _VIDEO_META, **kwargs)
-
-
-def _vit_b(**kwargs: Any) -> dict[str, Any]:
-    return vit_b_kwargs(**kwargs)
-
-
-def _with_ats(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return with_paper_ats_stages(kwargs, ATS_STAGES)
+    stages = ATS_STAGES if variant.endswith("_ats") else ()
+    return create_video_vit(XViT, default_cfgs[variant], stages, **kwargs)
 
 
 @register_glimpse
 def xvit_8(pretrained: bool = False, **kwargs: Any) -> XViT:
     """X-ViT-B/16, 8 frames x 224^2: 142 GFLOPs per view (8 ViT-B frames + temporal aggregation)."""
-    return _create("xvit_8", pretrained=pretrained, **_vit_b(**kwargs))
+    return _create("xvit_8", **kwargs)
 
 
 @register_glimpse
 def xvit_16(pretrained: bool = False, **kwargs: Any) -> XViT:
     """X-ViT-B/16, 16 frames x 224^2: 283 GFLOPs per view."""
-    return _create("xvit_16", pretrained=pretrained, **_vit_b(**kwargs))
+    return _create("xvit_16", **kwargs)
 
 
 @register_glimpse
 def xvit_8_ats(pretrained: bool = False, **kwargs: Any) -> XViT:
     """X-ViT 8x224 with ATS in blocks 3-11 (K = all positions unless ``ats_k`` / ``ats_ratio``)."""
-    return _create("xvit_8_ats", pretrained=pretrained, **_vit_b(**_with_ats(kwargs)))
+    return _create("xvit_8_ats", **kwargs)
 
 
 @register_glimpse
 def xvit_16_ats(pretrained: bool = False, **kwargs: Any) -> XViT:
     """X-ViT 16x224 with ATS in blocks 3-11."""
-    return _create("xvit_16_ats", pretrained=pretrained, **_vit_b(**_with_ats(kwargs)))
+    return _create("xvit_16_ats", **kwargs)

@@ -1,6 +1,7 @@
 """Figures: where token-efficient models look (the papers' visualisations) and how a run went.
 
-Geometry (one place reads the models' traces: :func:`extract_geometry`):
+Geometry (one place reads the models' trace records, :mod:`models.trace`: :func:`extract_geometry`;
+no model class is imported here, a model is known by the records it emits):
 
 * ATS (DeiT/ViT + ATS, PS-ViT + ATS, TimeSformer / XViT + ATS): the tokens each ATS stage kept, as masks
   over the image with the dropped patch cells greyed out (ATS Figs. 2, 7, A.5), and histograms of the
@@ -47,6 +48,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
+
+from models.trace import KeptTokens, Record, SampledPoints, record
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +161,7 @@ def ats_kept_grid(geometry: SampleGeometry, stage: ATSStage) -> np.ndarray:
 
 
 # ==========================================================================================================
-# Reading the models (the only code that touches ats_trace / sampling_trace)
+# Reading the models (the only code that reads their trace records, models.trace)
 # ==========================================================================================================
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -170,28 +173,47 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def geometry_family(model: nn.Module) -> str:
-    """``"sparseformer"``, ``"psvit"`` or ``"ats"`` for a model with sampling geometry.
+def _record_forward(net: nn.Module, inputs: Tensor) -> list[Record]:
+    """The trace records of one forward of ``net`` on ``inputs`` (eval mode, no grad; mode restored)."""
+    param = next(net.parameters(), None)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), record() as trace:
+            net(inputs if param is None else inputs.to(param.device))
+    finally:
+        net.train(was_training)
+    return list(trace)
 
-    Raises ``ValueError`` naming the model class otherwise (convolutional baselines, plain timm ViTs, a
-    TimeSformer or XViT built without ATS stages).
-    """
-    from models.ats import ats_stages
-    from models.ats_vit import ATSVisionTransformer
-    from models.psvit import PSViT
-    from models.sparseformer import SparseFormer
-    from models.timesformer import TimeSformer
-    from models.xvit import XViT
 
-    net = _unwrap(model)
-    if isinstance(net, SparseFormer):  # VideoSparseFormer included
-        return "sparseformer"
-    if isinstance(net, PSViT):
-        return "psvit"
-    if isinstance(net, (ATSVisionTransformer, TimeSformer, XViT)) and ats_stages(net):
+def _probe(net: nn.Module) -> list[Record]:
+    """The records of one forward on a zero input of the size the model was built for (batch 1)."""
+    from models.registry import built_input_size
+
+    param = next(net.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return _record_forward(net, torch.zeros((1, *built_input_size(net)), dtype=dtype))
+
+
+def _family(records: Sequence[Record], name: str) -> str:
+    """``"sparseformer"`` (points with RoIs), ``"psvit"`` (points without) or ``"ats"`` (kept tokens only)."""
+    points = [r for r in records if isinstance(r, SampledPoints)]
+    if points:
+        return "psvit" if points[0].rois is None else "sparseformer"
+    if any(isinstance(r, KeptTokens) for r in records):
         return "ats"
-    reason = "it has no ATS stage" if isinstance(net, (TimeSformer, XViT)) else "it records no sampling trace"
-    raise ValueError(f"{type(net).__name__} has no sampling geometry to draw ({reason}); {_NO_GEOMETRY_HINT}")
+    raise ValueError(f"{name} has no sampling geometry to draw (it emits no trace record); {_NO_GEOMETRY_HINT}")
+
+
+def geometry_family(model: nn.Module, trace: Sequence[Record] | None = None) -> str:
+    """``"sparseformer"``, ``"psvit"`` or ``"ats"``, read from the model's trace records: those of
+    ``trace`` when given, else of one forward on a zero input of the model's ``pretrained_cfg`` size.
+
+    Raises ``ValueError`` naming the model class when it emits no record (convolutional baselines, plain
+    timm ViTs, a TimeSformer or XViT built without ATS stages).
+    """
+    net = _unwrap(model)
+    return _family(_probe(net) if trace is None else trace, type(net).__name__)
 
 
 def has_sampling_geometry(model: nn.Module) -> bool:
@@ -207,94 +229,81 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy().astype(np.float64)
 
 
-def _ats_stages(traces: Sequence[Any], b: int) -> tuple[ATSStage, ...]:
-    out = []
-    for tr in traces:
-        pos, valid = tr.positions[b], tr.valid[b]  # (K'max,), (K'max,)
-        out.append(ATSStage(int(tr.stage), pos[valid].cpu().numpy().astype(np.int64)))
-    return tuple(out)
+def _ats_stages(kept: Sequence[KeptTokens], b: int) -> tuple[ATSStage, ...]:
+    return tuple(ATSStage(int(k.stage), k.positions[b][k.valid[b]].cpu().numpy().astype(np.int64)) for k in kept)
 
 
-def _check_batch(name: str, got: int, want: int) -> None:
-    if got != want:
-        raise ValueError(f"{name} holds {got} samples but the inputs have {want}: the trace is from another "
-                         "forward; run the model on these inputs (run_forward=True)")
+def _check_batch(name: str, records: Sequence[Record], want: int) -> None:
+    for rec in records:
+        if rec.batch_size != want:
+            raise ValueError(f"{name}'s trace ({type(rec).__name__}, stage {rec.stage}) holds {rec.batch_size} "
+                             f"samples but the inputs have {want}: the trace is from another forward; record one "
+                             "on these inputs (or pass trace=None)")
 
 
-def extract_geometry(model: nn.Module, inputs: Tensor, *, run_forward: bool = True) -> list[SampleGeometry]:
+def _patch_geometry(name: str, kept: Sequence[KeptTokens], height: int, width: int) -> dict[str, Any]:
+    """Candidate cell centres (pixels), grid and cell size of ATS records over a patch grid."""
+    grids = {k.grid for k in kept}
+    if len(grids) != 1 or None in grids:
+        raise ValueError(f"{name}: ATS stages disagree on their candidate tokens ({sorted(map(str, grids))})")
+    rows, cols = grids.pop()
+    top = max(int(k.positions[k.valid].max()) if k.valid.any() else 0 for k in kept)
+    if top >= rows * cols:
+        raise ValueError(f"{name}: ATS kept patch {top}, beyond the {rows}x{cols} grid of a {height}x{width} input")
+    ph, pw = height // rows, width // cols
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    token_xy = np.stack([(c + 0.5) * pw, (r + 0.5) * ph], axis=1).astype(np.float64)  # (S, 2) cell centres
+    return dict(token_xy=token_xy, patch_grid=(rows, cols), patch_size=(ph, pw))
+
+
+def extract_geometry(model: nn.Module, inputs: Tensor, *, trace: Sequence[Record] | None = None
+                     ) -> list[SampleGeometry]:
     """The sampling geometry of ``model`` on ``inputs``, one :class:`SampleGeometry` per sample, in pixels.
 
     ``inputs``: the model's input batch, ``(B, C, H, W)`` or ``(B, C, T, H, W)`` (normalised as the model
-    expects; only its shape is read here). With ``run_forward`` the model runs once on it in eval mode
-    under ``no_grad`` (its train/eval mode is restored); otherwise the traces of the model's last forward
-    are read, which must have been on ``inputs``.
+    expects; only its shape is read when ``trace`` is given). Without ``trace`` the model runs once on it in
+    eval mode under ``no_grad`` (its train/eval mode is restored) and its records are read; with ``trace``
+    (the records of a :func:`models.trace.record` block) those are read instead, and must be of ``inputs``.
 
-    Raises ``ValueError`` naming the model class when it has no sampling geometry, and when the traces
-    do not match ``inputs``.
+    Raises ``ValueError`` naming the model class when it emits no record, and when the records do not
+    match ``inputs``.
     """
-    family = geometry_family(model)
     net = _unwrap(model)
     name = type(net).__name__
     if inputs.ndim not in (4, 5):
         raise ValueError(f"inputs must be (B, C, H, W) or (B, C, T, H, W), got shape {tuple(inputs.shape)}")
-    if run_forward:
-        param = next(net.parameters(), None)
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                net(inputs if param is None else inputs.to(param.device))
-        finally:
-            net.train(was_training)
+    records = _record_forward(net, inputs) if trace is None else list(trace)
+    family = _family(records, name)
     batch = inputs.shape[0]
+    _check_batch(name, records, batch)
     height, width = (int(s) for s in inputs.shape[-2:])
     frames = int(inputs.shape[2]) if inputs.ndim == 5 else None
     common = dict(model=name, family=family, image_size=(height, width), num_frames=frames)
+    kept = [r for r in records if isinstance(r, KeptTokens)]
+    points = [r for r in records if isinstance(r, SampledPoints)]
 
     if family == "ats":
-        traces = list(net.ats_trace)
-        if not traces:
-            raise ValueError(f"{name} has no ATS trace yet: run a forward pass first")
-        _check_batch(f"{name}.ats_trace", int(traces[0].positions.shape[0]), batch)
-        ph, pw = (int(s) for s in net.patch_embed.patch_size)
-        rows, cols = height // ph, width // pw
-        top = max(int(tr.positions.max()) for tr in traces)
-        if top >= rows * cols:
-            raise ValueError(f"{name}: ATS kept patch {top}, beyond the {rows}x{cols} grid of a {height}x{width} input")
-        r, c = np.divmod(np.arange(rows * cols), cols)
-        token_xy = np.stack([(c + 0.5) * pw, (r + 0.5) * ph], axis=1).astype(np.float64)  # (S, 2) cell centres
-        return [SampleGeometry(**common, ats=_ats_stages(traces, b), token_xy=token_xy, patch_grid=(rows, cols),
-                               patch_size=(ph, pw)) for b in range(batch)]
+        patches = _patch_geometry(name, kept, height, width)
+        return [SampleGeometry(**common, ats=_ats_stages(kept, b), **patches) for b in range(batch)]
 
     if family == "psvit":
-        trace = net.sampling_trace  # (N_iter, B, n*n, 2) normalised (x, y) on the feature map
-        if trace is None:
-            raise ValueError(f"{name} has no sampling trace yet: run a forward pass first")
-        _check_batch(f"{name}.sampling_trace", int(trace.shape[1]), batch)
-        px = _np(trace) * np.array([width, height], dtype=np.float64)  # (N_iter, B, n*n, 2) pixels
-        ats_traces = list(net.ats_trace or [])
-        if ats_traces:
-            _check_batch(f"{name}.ats_trace", int(ats_traces[0].positions.shape[0]), batch)
+        size = np.array([width, height], dtype=np.float64)  # normalised (x, y) -> pixels
         out = []
         for b in range(batch):
-            stages = tuple(SamplingStage(t + 1, f"iteration {t + 1}", px[t, b][:, None, :])  # (n*n, 1, 2)
-                           for t in range(px.shape[0]))
-            out.append(SampleGeometry(**common, sampling=stages, ats=_ats_stages(ats_traces, b),
-                                      token_xy=px[-1, b] if ats_traces else None))
+            stages = tuple(SamplingStage(int(r.stage), str(r.name), _np(r.points[b]) * size)  # (n*n, 1, 2)
+                           for r in points)
+            token_xy = _np(kept[0].candidates_xy[b]) * size if kept else None  # (n*n, 2): the tokens ATS picks
+            out.append(SampleGeometry(**common, sampling=stages, ats=_ats_stages(kept, b), token_xy=token_xy))
         return out
 
-    records = list(net.sampling_trace)  # SamplingRecord per stage: rois (B, N, 2A), points (B, N, P, A)
-    if not records:
-        raise ValueError(f"{name} has no sampling trace yet: run a forward pass first")
-    _check_batch(f"{name}.sampling_trace", int(records[0].points.shape[0]), batch)
-    axes = records[0].points.shape[-1]
+    axes = points[0].num_axes
     if (axes == 3) != (frames is not None):
         raise ValueError(f"{name} samples {axes}-D points but the inputs have shape {tuple(inputs.shape)}")
     scale = np.array([width, height] if axes == 2 else [width, height, frames], dtype=np.float64)  # (A,)
     out = []
     for b in range(batch):
         stages = []
-        for rec in records:
+        for rec in points:
             rois = _np(rec.rois[b])  # (N, 2A) centre, size (normalised)
             centre, size = rois[:, :axes] * scale, rois[:, axes:] * scale  # pixels (and frames)
             corner = centre - size / 2  # (N, A) top-left (and first frame)

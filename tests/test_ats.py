@@ -1,4 +1,4 @@
-"""ATS mechanism (models/ats.py): eqs. 3-6 on hand-made inputs, K resolution, the modules against a
+"""ATS mechanism (models/ats.py): ATS eqs. 3-6 on hand-made inputs, K resolution, the modules against a
 plain reference (full attention matrix, rows selected), masking, packing and gradients."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _kept(scores, k, mask=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Eq. 3: significance scores
+# ATS eq. 3: significance scores
 # ---------------------------------------------------------------------------------------------
 
 def test_significance_matches_eq3_by_hand():
@@ -56,7 +56,7 @@ def test_significance_padding_scores_zero_and_degenerate_values_fall_back_to_uni
     s = ats_significance(cls_attn, v, mask)
     assert (s[0, 2:] == 0).all() and (s[0, :2] > 0).all()
     torch.testing.assert_close(s.sum(-1), torch.ones(2))
-    # all-zero values: eq. 3 is 0/0; we fall back to uniform over live tokens
+    # all-zero values: ATS eq. 3 is 0/0; we fall back to uniform over live tokens
     s0 = ats_significance(cls_attn, torch.zeros_like(v), mask)
     torch.testing.assert_close(s0[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
     torch.testing.assert_close(s0[1], torch.full((4,), 0.25))
@@ -69,7 +69,7 @@ def test_class_attention_is_row_one_of_the_full_matrix():
 
 
 # ---------------------------------------------------------------------------------------------
-# Eqs. 4-5: inverse transform sampling
+# ATS eqs. 4-5: inverse transform sampling
 # ---------------------------------------------------------------------------------------------
 
 def test_one_dominant_token_is_kept_and_k_prime_collapses():
@@ -180,7 +180,7 @@ def test_resolve_k_needs_two_tokens():
 # ---------------------------------------------------------------------------------------------
 
 def _reference_ats_attention(attn: ATSAttention, x: torch.Tensor, k: int, mask: torch.Tensor | None):
-    """Plain ATS: the FULL attention matrix (eq. 1), scores from its first row, rows selected (eq. 6)."""
+    """Plain ATS: the FULL attention matrix (ATS eq. 1), scores from its first row, rows selected (ATS eq. 6)."""
     B, N, C = x.shape
     H, Dh = attn.num_heads, attn.head_dim
     qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
@@ -258,7 +258,7 @@ def test_ats_block_equals_timm_block_when_nothing_is_dropped_and_rows_otherwise(
         y, kept, mask = blk(x)
         torch.testing.assert_close(y, plain(x), atol=1e-5, rtol=1e-4)
         assert mask.all() and kept.shape == (2, 10)
-        # sampling: each kept row equals the full block's output row (eq. 6 keeps rows of A, and
+        # sampling: each kept row equals the full block's output row (ATS eq. 6 keeps rows of A, and
         # the residual and FFN are per token)
         blk.attn.set_k(k=4)
         y, kept, mask = blk(x)

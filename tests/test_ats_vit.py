@@ -12,6 +12,7 @@ from models import ats
 from models.ats import ATSAttention, ATSBlock, MaskedBlock, set_ats_k
 from models.ats_vit import MULTI_STAGES, SINGLE_STAGE, ATSVisionTransformer, apply_ats
 from models.checkpoint import CheckpointMismatchError, load_checkpoint
+from models.trace import record
 
 torch.set_num_threads(1)
 
@@ -31,6 +32,13 @@ def small_ats(stages=(1, 2, 4), peaky: float = 4.0, **kw):
 
 def images(n: int, seed: int = 0, size: int = 64) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def kept(model, x):
+    """Logits and the KeptTokens records (one per ATS stage) of one forward."""
+    with record() as trace:
+        logits = model(x)
+    return logits, trace.kept_tokens()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +70,7 @@ def test_state_dict_is_timms_and_a_timm_checkpoint_loads_strictly(tmp_path):
     ats_model = models.create_model("deit_small_ats").eval()
     own = {k: v.shape for k, v in ats_model.state_dict().items()}
     assert own == {k: v.shape for k, v in timm_model.state_dict().items()}
-    load_checkpoint(ats_model, path, strict=True)
+    load_checkpoint(ats_model, path)  # strict: every key, the classifier included
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         set_ats_k(ats_model, keep_all=True)  # nothing dropped: exactly timm's network
@@ -90,8 +98,8 @@ def test_apply_ats_converts_any_timm_vit_in_place_and_keeps_parameters():
     assert out is vit and isinstance(vit, ATSVisionTransformer)
     assert all(torch.equal(params[k], v) for k, v in vit.state_dict().items())
     with torch.no_grad():
-        y = vit(x)
-        assert vit.ats_trace[0].counts.max() <= 5
+        y, traces = kept(vit, x)
+        assert traces[0].counts.max() <= 5
         set_ats_k(vit, keep_all=True)
         torch.testing.assert_close(vit(x), ref, atol=1e-5, rtol=1e-4)  # masked avg pool == timm's avg
     assert y.shape == ref.shape
@@ -101,14 +109,14 @@ def test_fused_and_manual_attention_give_the_same_logits():
     model = small_ats(ats_k=5)
     x = images(3)
     with torch.no_grad():
-        fused = model(x)
-        kept_fused = [t.kept_positions for t in model.ats_trace]
+        fused, traces = kept(model, x)
+        kept_fused = [t.kept_positions for t in traces]
         for m in model.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
-        manual = model(x)
+        manual, traces = kept(model, x)
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-4)
-    assert all(torch.equal(a, b) for s1, s2 in zip(kept_fused, [t.kept_positions for t in model.ats_trace])
+    assert all(torch.equal(a, b) for s1, s2 in zip(kept_fused, [t.kept_positions for t in traces])
                for a, b in zip(s1, s2))
 
 
@@ -119,23 +127,23 @@ def test_fused_and_manual_attention_give_the_same_logits():
 def test_k_is_honoured_at_every_stage_as_count_and_as_ratio():
     model = small_ats(ats_k=6)
     with torch.no_grad():
-        model(images(4))
-    assert [t.stage for t in model.ats_trace] == [1, 2, 4]
-    for t in model.ats_trace:
+        _, traces = kept(model, images(4))
+    assert [t.stage for t in traces] == [1, 2, 4]
+    for t in traces:
         assert ((t.counts >= 1) & (t.counts <= 6)).all()
     set_ats_k(model, ratio=0.5, floor=3)
     with torch.no_grad():
-        model(images(4))
+        _, traces = kept(model, images(4))
     n_in = torch.full((4,), 17)  # live tokens entering stage 1, class token included
-    for t in model.ats_trace:
+    for t in traces:
         k = torch.clamp(torch.maximum(torch.floor(n_in * 0.5).long(), torch.tensor(3)), max=n_in - 1)
         assert (t.counts <= k).all(), (t.stage, t.counts, k)
         n_in = t.counts + 1
     # the upper bound is exact: every stage keeps K' = K
     with torch.no_grad(), ats.upper_bound_sampling():
         set_ats_k(model, k=[10, 7, 3])
-        model(images(2))
-    assert [t.counts.tolist() for t in model.ats_trace] == [[10, 10], [7, 7], [3, 3]]
+        _, traces = kept(model, images(2))
+    assert [t.counts.tolist() for t in traces] == [[10, 10], [7, 7], [3, 3]]
 
 
 @pytest.mark.parametrize("pack", [0.0, 1.0])
@@ -145,17 +153,17 @@ def test_a_samples_tokens_and_logits_do_not_depend_on_its_batch(pack, pool, monk
     model = small_ats(peaky=6.0, ats_ratio=0.9, global_pool=pool)
     x = images(5, seed=3)
     with torch.no_grad():
-        batch_logits = model(x)
-        batch_kept = [t.kept_positions for t in model.ats_trace]
-        counts = torch.stack([t.counts for t in model.ats_trace])
+        batch_logits, traces = kept(model, x)
+        batch_kept = [t.kept_positions for t in traces]
+        counts = torch.stack([t.counts for t in traces])
         assert (counts.max(1).values > counts.min(1).values).any()  # K' differs: padding is exercised
         order = [3, 0, 4, 1, 2]
         shuffled = model(x[order])
         for i in range(5):
-            alone = model(x[i:i + 1])
+            alone, traces = kept(model, x[i:i + 1])
             torch.testing.assert_close(alone[0], batch_logits[i], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(shuffled[order.index(i)], batch_logits[i], atol=1e-5, rtol=1e-4)
-            for s, t in enumerate(model.ats_trace):
+            for s, t in enumerate(traces):
                 assert torch.equal(t.kept_positions[0], batch_kept[s][i])
 
 
@@ -164,26 +172,27 @@ def test_no_collapse_even_with_one_dominant_patch():
     x = images(3)
     x[:, :, :16, :16] = 50.0  # one saturated patch attracts the class token's attention
     with torch.no_grad():
-        logits = model(x)
+        logits, traces = kept(model, x)
     assert torch.isfinite(logits).all()
-    for t in model.ats_trace:
+    for t in traces:
         assert (t.counts >= 1).all()
 
 
 def test_trace_holds_original_patch_positions():
     model = small_ats(ats_k=6)
     with torch.no_grad():
-        model(images(2))
+        _, traces = kept(model, images(2))
     prev = [torch.arange(16)] * 2
-    for t in model.ats_trace:
+    for t in traces:
+        assert t.grid == (4, 4) and t.candidates_xy is None and t.num_frames is None  # patch cells of the image
         for b, pos in enumerate(t.kept_positions):
             assert len(pos) == t.counts[b]
             assert (pos[1:] > pos[:-1]).all() and set(pos.tolist()) <= set(prev[b].tolist())
         prev = t.kept_positions
     set_ats_k(model, keep_all=True)
     with torch.no_grad():
-        model(images(2))
-    assert all(torch.equal(p, torch.arange(16)) for t in model.ats_trace for p in t.kept_positions)
+        _, traces = kept(model, images(2))
+    assert all(torch.equal(p, torch.arange(16)) for t in traces for p in t.kept_positions)
 
 
 def test_set_ats_k_changes_k_at_inference_without_touching_weights():
@@ -192,11 +201,11 @@ def test_set_ats_k_changes_k_at_inference_without_touching_weights():
     x = images(2)
     with torch.no_grad():
         set_ats_k(model, k=2)
-        model(x)
-        assert all((t.counts <= 2).all() for t in model.ats_trace)
+        _, traces = kept(model, x)
+        assert all((t.counts <= 2).all() for t in traces)
         set_ats_k(model, k=[15, 8, 4])
-        model(x)
-        assert [int(t.counts.max()) <= k for t, k in zip(model.ats_trace, (15, 8, 4))] == [True] * 3
+        _, traces = kept(model, x)
+        assert [int(t.counts.max()) <= k for t, k in zip(traces, (15, 8, 4))] == [True] * 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="3 stages"):
         set_ats_k(model, k=[4, 4])

@@ -20,6 +20,7 @@ from models.psvit import (
     checkpoint_filter_fn,
     initial_grid_points,
 )
+from models.trace import record
 
 torch.set_num_threads(1)
 
@@ -36,11 +37,19 @@ def small_model(**kwargs) -> PSViT:
     return PSViT(**{**SMALL, **kwargs})
 
 
+def traced(model, x, method: str = "forward"):
+    """Output of ``model.<method>(x)``, the points p_1 .. p_N stacked (N, B, n*n, 2) and the ATS records."""
+    with record() as trace:
+        out = getattr(model, method)(x)
+    points = torch.stack([r.points[:, :, 0] for r in trace.sampled_points()])  # (N, B, n*n, 2)
+    return out, points, trace.kept_tokens()
+
+
 # ------------------------------------------------------------------------------------------- geometry
 
 
 def test_initial_grid_is_eq2_cell_centres():
-    # n = 2: cells of half the map; eq. 2 gives their centres, row-major, as (x, y).
+    # n = 2: cells of half the map; PS-ViT eq. 2 gives their centres, row-major, as (x, y).
     expected = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
     assert torch.equal(initial_grid_points(2), expected)
     # n = 14 on a 56 x 56 map: step s = 4, point i at (4 * col + 2, 4 * row + 2) feature pixels.
@@ -64,8 +73,7 @@ def test_first_tokens_average_the_four_central_pixels_of_each_cell():
 def test_offsets_start_at_zero_so_every_iteration_samples_the_grid():
     model = small_model().eval()
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    trace = model.sampling_trace  # (N, B, n*n, 2)
+        _, trace, _ = traced(model, torch.randn(2, 3, 64, 64))  # (N, B, n*n, 2)
     assert trace.shape == (3, 2, 16, 2)
     for t in range(3):
         assert torch.equal(trace[t], initial_grid_points(4).expand(2, -1, -1))
@@ -78,8 +86,8 @@ def test_trained_offsets_move_points_by_feature_pixels():
     model = small_model(num_iters=2, img_size=(64, 96)).eval()  # feature map 16 x 24 (H_f x W_f)
     with torch.no_grad():
         model.psm.offset_heads[0].bias.copy_(torch.tensor([2.0, -1.0]))
-        model(torch.randn(1, 3, 64, 96))
-    moved = model.sampling_trace[1] - model.sampling_trace[0]  # (1, 16, 2)
+        _, points, _ = traced(model, torch.randn(1, 3, 64, 96))
+    moved = points[1] - points[0]  # (1, 16, 2)
     assert torch.allclose(moved, torch.tensor([2.0 / 24, -1.0 / 16]).expand_as(moved))
 
 
@@ -98,7 +106,7 @@ def test_gradients_reach_offset_layers_through_sampling_only():
     psm.zero_grad()
     psm(torch.randn(1, 8, 8, 8))[0].square().sum().backward()
     for head in psm.offset_heads:
-        assert head.weight.grad.abs().sum() > 0  # eq. 9: through the bilinear kernel
+        assert head.weight.grad.abs().sum() > 0  # PS-ViT eq. 9: through the bilinear kernel
 
 
 def test_every_parameter_gets_a_gradient():
@@ -140,9 +148,9 @@ def test_full_size_forward_and_config(name):
     assert cfg["input_size"] == (3, 224, 224) and cfg["classifier"] == "head" and cfg["first_conv"] == "stem.conv1"
     n = int(name.split("_")[2])
     with torch.no_grad():
-        feats = model.forward_features(torch.randn(1, *cfg["input_size"]))
+        feats, points, _ = traced(model, torch.randn(1, *cfg["input_size"]), "forward_features")
     assert feats.shape == (1, 1 + n * n, model.num_features)
-    assert model.sampling_trace.shape == (4, 1, n * n, 2)
+    assert points.shape == (4, 1, n * n, 2)
     logits = model.forward_head(feats)
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
     assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
@@ -163,8 +171,9 @@ def test_reset_classifier_pooling_and_no_weight_decay():
 def test_sampling_points_parameters_and_table6_n1():
     model = small_model(num_points=5, num_iters=1)
     assert len(model.psm.offset_heads) == 0  # N = 1: the points never move (Table 6)
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
-    assert model.sampling_trace.shape == (1, 1, 25, 2)
+    logits, points, _ = traced(model, torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 10)
+    assert points.shape == (1, 1, 25, 2)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -198,16 +207,16 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     fresh = small_model(share_psm_weights=False)
     torch.manual_seed(1)
     fresh.init_weights()
-    load_checkpoint(fresh.eval(), path, filter_fn=checkpoint_filter_fn)
+    load_checkpoint(fresh.eval(), path)
     with torch.no_grad():
         assert torch.allclose(fresh(x), model(x), atol=1e-6)
     # A plain checkpoint does not fit the shared model: the extra sampling layers are named.
     with pytest.raises(CheckpointMismatchError, match="psm.blocks.1"):
-        load_checkpoint(small_model(share_psm_weights=True), path, filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_model(share_psm_weights=True), path)
     bad = {k: v for k, v in model.state_dict().items() if k != "cls_token"}
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match="cls_token"):
-        load_checkpoint(small_model(), tmp_path / "bad.pth", filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_model(), tmp_path / "bad.pth")
 
 
 # ------------------------------------------------------------------------------- release checkpoints
@@ -272,7 +281,7 @@ def test_ats_variant_converts_layers_1_to_9_and_keeps_state_dict_keys(tmp_path):
     plain = models.create_model("psvit_b_14").eval()
     assert ats.state_dict().keys() == plain.state_dict().keys()
     torch.save(plain.state_dict(), tmp_path / "b14.pth")
-    load_checkpoint(ats, tmp_path / "b14.pth", filter_fn=checkpoint_filter_fn, strict=True)
+    load_checkpoint(ats, tmp_path / "b14.pth")  # strict
     set_ats_k(ats, keep_all=True)  # nothing sampled away: exactly the plain model
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -282,11 +291,12 @@ def test_ats_variant_converts_layers_1_to_9_and_keeps_state_dict_keys(tmp_path):
 def test_ats_keeps_at_most_k_tokens_and_stays_trainable():
     model = apply_ats_to_psvit(small_model(depth=4), k=5)  # 16 sampled tokens, K = 5 in layers 1-3
     model.train()
-    logits = model(torch.randn(3, 3, 64, 64))
+    logits, points, traces = traced(model, torch.randn(3, 3, 64, 64))
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
-    assert [t.stage for t in model.ats_trace] == [1, 2, 3]
+    assert [t.stage for t in traces] == [1, 2, 3]
     previous = torch.full((3,), 16)
-    for trace in model.ats_trace:
+    for trace in traces:
+        assert trace.grid is None and torch.equal(trace.candidates_xy, points[-1])  # the tokens sampled at p_N
         counts = trace.counts  # (B,) K' per image
         assert (counts >= 1).all() and (counts <= 5).all() and (counts <= previous).all()
         for pos in trace.kept_positions:  # indices into the n*n sampled tokens
@@ -300,14 +310,14 @@ def test_ats_keeps_at_most_k_tokens_and_stays_trainable():
 def test_ats_default_k_is_the_stage_input_and_bad_k_is_refused():
     model = apply_ats_to_psvit(small_model(depth=3)).eval()
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    assert all((t.counts <= 16).all() for t in model.ats_trace)
+        _, _, traces = traced(model, torch.randn(2, 3, 64, 64))
+    assert all((t.counts <= 16).all() for t in traces)
     with pytest.raises(ValueError, match="k=0"):
         apply_ats_to_psvit(small_model(depth=3), k=0)
     with pytest.raises(ValueError, match="1.5"):
         apply_ats_to_psvit(small_model(depth=3), ratio=1.5)
     with pytest.raises(ValueError, match="stage 3"):
-        apply_ats_to_psvit(small_model(depth=3), layers=[1, 3])
+        apply_ats_to_psvit(small_model(depth=3), stages=[1, 3])
     # Average pooling ignores the padding of images that kept fewer tokens than the batch maximum.
     avg = apply_ats_to_psvit(small_model(depth=3, global_pool="avg"), k=12).eval()
     torch.manual_seed(0)
@@ -316,10 +326,11 @@ def test_ats_default_k_is_the_stage_input_and_bad_k_is_refused():
         for block in avg.blocks:  # peaky attention: repeated picks, so K' differs between images
             block.attn.qkv.weight.mul_(20)
         feats = avg.forward_features(x)  # (B, 1 + K'max, C), zero rows where padded
-        mask = avg.ats_token_mask  # (B, 1 + K'max), read by forward_head for these features
-        pooled = avg.forward_head(feats, pre_logits=True)
+        same, mask = avg.forward_features_masked(x)  # (B, 1 + K'max): the mask forward() hands the head
+        pooled = avg.forward_head(feats, pre_logits=True)  # no mask given: all-zero rows are the padding
         logits = avg.forward_head(feats)
         alone = [avg(x[i:i + 1]) for i in range(3)]
+    assert torch.equal(same, feats) and torch.allclose(logits, avg(x), atol=1e-6)
     assert mask is not None and not mask.all() and not feats[~mask].any()
     live = mask[:, 1:, None].float()
     assert torch.allclose(pooled, (feats[:, 1:] * live).sum(1) / live.sum(1), atol=1e-6)

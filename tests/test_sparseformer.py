@@ -1,4 +1,4 @@
-"""Tests for models.sparseformer: geometry (eqs. 3, 7-9, appendix A.3), blocks, the model, checkpoints, cost."""
+"""Tests for models.sparseformer: geometry (SparseFormer eqs. 3, 7-9, appendix A.3), blocks, the model, checkpoints, cost."""
 
 from __future__ import annotations
 
@@ -23,23 +23,16 @@ from models.sparseformer import (
     offsets_to_points,
     sparseformer_tiny,
 )
+from models.trace import record
+from tests.model_fixtures import SPARSEFORMER_SMALL, perturb_zero_inits
 
-# A reduced SparseFormer for fast tests: same structure, small widths.
-SMALL = dict(img_size=64, num_latent_tokens=9, dims=(32, 64), depths=(3, 2), num_points=9, num_heads=4,
-             num_classes=7)
+# A reduced SparseFormer for fast tests (tests.model_fixtures): same structure, small widths.
+SMALL = SPARSEFORMER_SMALL
 
 
 def small_model(**overrides) -> SparseFormer:
     torch.manual_seed(0)
     return create_model("sparseformer_tiny", **{**SMALL, **overrides})
-
-
-def perturb_zero_inits(model: torch.nn.Module) -> None:
-    """Give every zero-initialised weight a small random value (so every path carries gradient)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,15 +110,16 @@ def test_geometry_initialisation_and_trace() -> None:
     model = small_model().eval()
     torch.testing.assert_close(model.latent_rois.detach(), grid_rois(9))
     x = torch.randn(2, 3, 64, 64)
-    model(x)
-    trace = model.sampling_trace
+    with record() as records:
+        model(x)
+    trace = records.sampled_points()
     assert [r.name for r in trace] == ["focusing 1", "focusing 2", "focusing 3", "cortex 1"]
     assert [r.stage for r in trace] == [1, 2, 3, 4]
-    for record in trace:
-        assert record.rois.shape == (2, 9, 4) and record.points.shape == (2, 9, 9, 2)
-        assert not record.rois.requires_grad and not record.points.requires_grad
+    for stage in trace:
+        assert stage.rois.shape == (2, 9, 4) and stage.points.shape == (2, 9, 9, 2)
+        assert not stage.rois.requires_grad and not stage.points.requires_grad
         # Zero-initialised adjustment: RoIs do not move; zero offset weights: every stage samples the grid.
-        torch.testing.assert_close(record.rois, grid_rois(9).expand(2, -1, -1))
+        torch.testing.assert_close(stage.rois, grid_rois(9).expand(2, -1, -1))
     # The 3 x 3 grid of points spans +-0.5/sqrt(3)... exactly: offsets +-1/3 standardised by 3 std.
     pts = trace[0].points[0, 0]  # token 0: RoI centre (0.25, 0.25), size 0.5
     spread = (1 / 3) / (3 * grid_offsets(9)[:, 0].std())
@@ -254,7 +248,7 @@ def test_release_checkpoint_converts_exactly(tmp_path) -> None:
     path = tmp_path / "release.pth"
     torch.save({"model": _to_release_format(model)}, path)
     fresh = small_model().eval()
-    load_checkpoint(fresh, path, filter_fn=checkpoint_filter_fn)
+    load_checkpoint(fresh, path)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
@@ -266,11 +260,11 @@ def test_bad_checkpoints_are_refused(tmp_path) -> None:
     bad_shape = dict(sd, latent_embed=torch.zeros(16, 32))
     torch.save(bad_shape, tmp_path / "shape.pth")
     with pytest.raises(CheckpointMismatchError, match=r"latent_embed: checkpoint \(16, 32\) vs model \(9, 32\)"):
-        load_checkpoint(small_model(), tmp_path / "shape.pth", filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_model(), tmp_path / "shape.pth")
     extra = dict(sd, **{"focus.sampler.extra": torch.zeros(1)})
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(CheckpointMismatchError, match="focus.sampler.extra"):
-        load_checkpoint(small_model(), tmp_path / "extra.pth", filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_model(), tmp_path / "extra.pth")
     release = {"initial_roi.weight": torch.zeros(9, 4), "layers.0.mystery": torch.zeros(1)}
     with pytest.raises(CheckpointMismatchError, match="layers.0.mystery"):
         checkpoint_filter_fn(release, model)

@@ -11,7 +11,6 @@ import torch.nn as nn
 
 import models
 from models.ats import set_ats_k
-from models.checkpoint import CheckpointMismatchError, load_checkpoint
 from models.flops import count_flops, example_input, param_count
 from models.timesformer import (
     ATS_STAGES,
@@ -19,53 +18,18 @@ from models.timesformer import (
     DividedBlock,
     TimeSformer,
     analytic_flops,
-    checkpoint_filter_fn,
     timesformer_base,
     timesformer_base_ats,
 )
 from models.video_vit_common import sample_clip_positions, vit_pos_embed_to_grid
+from tests.model_fixtures import VIDEO_VIT_SMALL as SMALL
+from tests.model_fixtures import D, S, T, clips, kept_tokens, loaded, peaky, small_video_vit, vit_file
 
 torch.set_num_threads(1)
 
-# Reduced geometry: 64 px frames -> 4 x 4 = 16 positions, 3 frames, 64 channels.
-SMALL = {"img_size": 64, "num_frames": 3, "embed_dim": 64, "num_heads": 4, "depth": 6}
-T, S, D = 3, 16, 64
-
 
 def small(name: str = "timesformer_base", seed: int = 0, **kwargs) -> TimeSformer:
-    torch.manual_seed(seed)
-    return models.create_model(name, **{**SMALL, **kwargs})
-
-
-def peaky(model: nn.Module) -> nn.Module:
-    """Sharpen every attention (x8 qkv weights): random-init scores then vary, so K' < K and varies per clip."""
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(8)
-    return model
-
-
-def clips(n: int = 4, seed: int = 1) -> torch.Tensor:
-    """Clips of different content (so ATS keeps different K' per clip)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 3, T, 64, 64, generator=g)
-    x[1] *= 0.1
-    x[2, :, :, :32] = 0
-    x[3] = x[3].mean(dim=(2, 3), keepdim=True)
-    return x[:n]
-
-
-def vit_file(tmp_path, depth: int = 2, embed_dim: int = 64, img_size: int = 64, seed: int = 0):
-    """A timm ViT-B/16 (reduced) with non-trivial weights, saved as a plain state-dict file."""
-    torch.manual_seed(seed)
-    vit = timm.create_model("vit_base_patch16_224", depth=depth, embed_dim=embed_dim, num_heads=4,
-                            img_size=img_size).eval()
-    with torch.no_grad():
-        vit.pos_embed.normal_(std=0.5)
-        vit.cls_token.normal_(std=0.5)
-    path = tmp_path / f"vit_d{depth}_e{embed_dim}_i{img_size}.pth"
-    torch.save(vit.state_dict(), path)
-    return vit, path
+    return small_video_vit(name, seed, **kwargs)
 
 
 # --------------------------------------------------------------------------------------- shapes, contract
@@ -176,7 +140,7 @@ def test_inflated_vit_reproduces_image_logits(tmp_path):
 
 def test_inflation_follows_the_paper(tmp_path):
     vit, path = vit_file(tmp_path)
-    m = load_checkpoint(small(depth=2), path, filter_fn=checkpoint_filter_fn).eval()
+    m = loaded(small(depth=2), path).eval()
     sd, ref = m.state_dict(), vit.state_dict()
     for i in range(2):
         p = f"blocks.{i}."
@@ -188,21 +152,12 @@ def test_inflation_follows_the_paper(tmp_path):
     assert torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])
     assert not sd["time_embed"].any() and sd["head.weight"].shape == (400, 64)  # Kinetics head, fresh
     # Different clip size: the 4x4 position grid is resized bicubically to 6x6 (class row kept).
-    m96 = load_checkpoint(small(depth=2, img_size=96), path, filter_fn=checkpoint_filter_fn)
+    m96 = loaded(small(depth=2, img_size=96), path)
     pe = m96.state_dict()["pos_embed"]
     assert pe.shape == (1, 37, 64) and torch.equal(pe[:, 0], ref["pos_embed"][:, 0])
     assert torch.allclose(pe, vit_pos_embed_to_grid(ref["pos_embed"], (6, 6)))
     flat = torch.cat([ref["pos_embed"][:, :1], torch.ones(1, 16, 64)], dim=1)  # a constant grid stays constant
     assert torch.allclose(vit_pos_embed_to_grid(flat, (6, 6))[:, 1:], torch.ones(1, 36, 64), atol=1e-5)
-
-
-def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
-    _, deeper = vit_file(tmp_path, depth=3)
-    with pytest.raises(CheckpointMismatchError, match="blocks.2"):
-        load_checkpoint(small(depth=2), deeper, filter_fn=checkpoint_filter_fn)
-    _, wider = vit_file(tmp_path, embed_dim=32)
-    with pytest.raises(CheckpointMismatchError, match="patch_embed.proj.weight"):
-        load_checkpoint(small(depth=2), wider, filter_fn=checkpoint_filter_fn)
 
 
 def test_ats_variant_loads_the_same_checkpoint_strictly(tmp_path):
@@ -217,7 +172,7 @@ def test_ats_variant_loads_the_same_checkpoint_strictly(tmp_path):
 
 def test_clip_positions_pool_the_frames_scores():
     """Frame 0's class token looks at position 2, frame 1's at position 5: with K = 2 the clip keeps
-    {2, 5} in both frames (the mean of per-frame eq. 3 scores is 1/2 each)."""
+    {2, 5} in both frames (the mean of per-frame ATS eq. 3 scores is 1/2 each)."""
     t, h, s, dh = 2, 1, 8, 4
     k = torch.zeros(t, h, 1 + s, dh)
     v = torch.ones(t, h, 1 + s, dh)
@@ -239,9 +194,9 @@ def test_k_bound_and_positions_shared_by_frames():
     set_ats_k(m, 6)
     x = clips()
     with torch.no_grad():
-        feats = m.forward_features(x)
-    traces = m.ats_trace
+        feats, traces = kept_tokens(m, x, "forward_features")
     assert [tr.stage for tr in traces] == [3, 4, 5]
+    assert all(tr.grid == (4, 4) and tr.num_frames == T for tr in traces)  # positions of the frame grid
     prev = [torch.arange(S)] * x.shape[0]
     for tr in traces:
         assert (tr.counts >= 1).all() and (tr.counts <= 6).all()  # K' <= K, never collapsed
@@ -253,21 +208,6 @@ def test_k_bound_and_positions_shared_by_frames():
     assert feats.shape == (4, 1 + kmax * T, D)  # K'max positions, each with all T frames
     live = feats[:, 1:].abs().amax(-1).view(4, kmax, T) > 0  # (B, K'max, T): a position is live in all frames
     assert torch.equal(live, traces[-1].valid[:, :, None].expand(-1, -1, T))
-
-
-def test_batch_independence():
-    m = peaky(small("timesformer_base_ats")).eval()
-    set_ats_k(m, 6)
-    x = clips()
-    with torch.no_grad():
-        batched = m(x)
-        counts = torch.stack([tr.counts for tr in m.ats_trace], 1)  # (B, stages)
-        positions = [tr.kept_positions for tr in m.ats_trace]
-        assert len({tuple(c) for c in counts.tolist()}) > 1, "clips should keep different K' (padding exercised)"
-        for i in range(x.shape[0]):
-            alone = m(x[i:i + 1])
-            assert torch.allclose(alone, batched[i:i + 1], atol=1e-4)
-            assert [tr.kept_positions[0].tolist() for tr in m.ats_trace] == [p[i].tolist() for p in positions]
 
 
 def test_keep_all_equals_the_plain_model():
@@ -283,21 +223,12 @@ def test_keep_all_equals_the_plain_model():
 def test_ratio_with_floor():
     m = peaky(small("timesformer_base_ats", ats_ratio=0.25, ats_floor=2)).eval()  # K = max(floor(.25 * 17), 2) = 4
     with torch.no_grad():
-        m(clips(2))
-    assert int(m.ats_trace[0].counts.max()) <= 4
+        _, traces = kept_tokens(m, clips(2))
+    assert int(traces[0].counts.max()) <= 4
     set_ats_k(m, ratio=0.25)  # default floor 8: K = 8
     with torch.no_grad():
-        m(clips(2))
-    assert 4 < int(m.ats_trace[0].counts.max()) <= 8
-
-
-def test_gradients_flow_through_kept_rows():
-    m = peaky(small("timesformer_base_ats")).train()
-    set_ats_k(m, 5)
-    m(clips(2)).logsumexp(-1).sum().backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
-    assert m.blocks[3].attn.qkv.weight.grad.abs().sum() > 0
+        _, traces = kept_tokens(m, clips(2))
+    assert 4 < int(traces[0].counts.max()) <= 8
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -10,26 +10,25 @@ from models.checkpoint import CheckpointMismatchError, load_checkpoint
 from models.flops import count_flops
 from models.registry import create_model
 from models.sparseformer import analytic_gflops, grid_rois
+from models.trace import record
 from models.video_sparseformer import (
     VideoSparseFormer,
-    checkpoint_filter_fn,
     temporal_offsets,
     tube_rois,
     video_sparseformer_tiny,
 )
+from tests.model_fixtures import SPARSEFORMER_SMALL, perturb_zero_inits
 
-# A reduced model for fast tests: same structure, small widths (as in test_sparseformer.py).
-SMALL = dict(img_size=64, num_latent_tokens=9, dims=(32, 64), depths=(3, 2), num_points=9, num_heads=4,
-             num_classes=7)
+
+def sampled(model, x):
+    """Logits and the SampledPoints records (one per sampling stage) of one forward."""
+    with record() as trace:
+        logits = model(x)
+    return logits, trace.sampled_points()
+
+# A reduced model for fast tests: same structure, small widths (the image model's, tests.model_fixtures).
+SMALL = SPARSEFORMER_SMALL
 VIDEO = dict(SMALL, num_frames=4, inflation=2)
-
-
-def perturb_zero_inits(model: torch.nn.Module) -> None:
-    """Give every zero-initialised weight a small random value (so every path carries gradient)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
 
 
 def small_video(**overrides) -> VideoSparseFormer:
@@ -80,10 +79,11 @@ def test_shapes_and_cfg() -> None:
     x = torch.randn(2, 3, 4, 64, 64)
     feats = model.forward_features(x)
     assert feats.shape == (2, 18, 64)  # n_t * N = 2 * 9 tokens
-    assert model(x).shape == (2, 7)
+    logits, trace = sampled(model, x)
+    assert logits.shape == (2, 7)
     assert model.extract_features(x).shape == (2, 96, 4, 16, 16)  # per-frame early conv, T kept
-    assert [r.points.shape for r in model.sampling_trace] == [(2, 18, 9, 3)] * 4
-    assert [r.rois.shape for r in model.sampling_trace] == [(2, 18, 6)] * 4
+    assert [r.points.shape for r in trace] == [(2, 18, 9, 3)] * 4
+    assert [r.rois.shape for r in trace] == [(2, 18, 6)] * 4
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 4, 64, 64) and cfg["num_frames"] == 4 and cfg["num_classes"] == 400
 
@@ -99,10 +99,10 @@ def test_default_cfg_is_32_frames() -> None:
 def test_fresh_tubes_tile_time_and_points_stay_in_their_segment() -> None:
     model = small_video(inflation=4, num_frames=8).eval()
     torch.testing.assert_close(model.latent_rois.detach(), tube_rois(grid_rois(9), 4))
-    model(torch.randn(1, 3, 8, 64, 64))
-    for record in model.sampling_trace:  # zero-initialised adjustment: tubes unchanged in every stage
-        torch.testing.assert_close(record.rois[0], tube_rois(grid_rois(9), 4))
-    t = model.sampling_trace[0].points[0, :, :, 2]  # (n_t*N, P) temporal coordinates
+    _, trace = sampled(model, torch.randn(1, 3, 8, 64, 64))
+    for stage in trace:  # zero-initialised adjustment: tubes unchanged in every stage
+        torch.testing.assert_close(stage.rois[0], tube_rois(grid_rois(9), 4))
+    t = trace[0].points[0, :, :, 2]  # (n_t*N, P) temporal coordinates
     segment = torch.arange(4).repeat_interleave(9)[:, None]  # token k*N + i lives in segment k
     assert torch.all(t > segment / 4) and torch.all(t < (segment + 1) / 4)
     assert torch.all(t.std(dim=1) > 0)  # a fresh model spreads each token's points through its tube
@@ -143,8 +143,10 @@ def test_inflated_n_t_1_on_one_frame_reproduces_image_logits(tmp_path) -> None:
                          checkpoint_path=str(path)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(video(x[:, :, None]), image(x), atol=1e-5, rtol=1e-4)
-    for v, i in zip(video.sampling_trace, image.sampling_trace):  # same spatial geometry, t at the frame centre
+        video_logits, video_trace = sampled(video, x[:, :, None])
+        image_logits, image_trace = sampled(image, x)
+        torch.testing.assert_close(video_logits, image_logits, atol=1e-5, rtol=1e-4)
+    for v, i in zip(video_trace, image_trace):  # same spatial geometry, t at the frame centre
         torch.testing.assert_close(v.points[..., :2], i.points)
         assert torch.all(v.points[..., 2] == 0.5)
 
@@ -152,14 +154,15 @@ def test_inflated_n_t_1_on_one_frame_reproduces_image_logits(tmp_path) -> None:
 def test_inflated_model_is_a_per_segment_image_model(tmp_path) -> None:
     image, path = _image_checkpoint(tmp_path)
     video = small_video(inflation=2, num_frames=2, num_classes=7).eval()
-    load_checkpoint(video, path, filter_fn=checkpoint_filter_fn)
+    load_checkpoint(video, path)
     x = torch.randn(1, 3, 64, 64)
     clip = x[:, :, None].expand(-1, -1, 2, -1, -1)  # two identical frames
     with torch.no_grad():
         # Each token samples exactly its own segment's centre (frame centres here): duplicated tokens see the
         # same features, and attention over duplicates equals attention over the originals.
-        torch.testing.assert_close(video(clip), image(x), atol=1e-5, rtol=1e-4)
-    t = video.sampling_trace[0].points[0, :, :, 2]  # (2N, P)
+        video_logits, trace = sampled(video, clip)
+        torch.testing.assert_close(video_logits, image(x), atol=1e-5, rtol=1e-4)
+    t = trace[0].points[0, :, :, 2]  # (2N, P)
     torch.testing.assert_close(t[:9], torch.full_like(t[:9], 0.25))
     torch.testing.assert_close(t[9:], torch.full_like(t[9:], 0.75))
 
@@ -168,7 +171,8 @@ def test_inflation_replaces_a_classifier_of_another_size(tmp_path) -> None:
     _, path = _image_checkpoint(tmp_path)
     video = small_video(num_classes=5)
     head = video.head.weight.detach().clone()
-    load_checkpoint(video, path, filter_fn=checkpoint_filter_fn)
+    report = load_checkpoint(video, path, classifier="reset")  # the loader's rule, not the family filter's
+    assert report.adapted and report.reset_classifier_keys == ("head.bias", "head.weight")
     torch.testing.assert_close(video.head.weight.detach(), head)  # 7-class ImageNet-like head not forced in
     torch.testing.assert_close(video.latent_embed[:9], video.latent_embed[9:])  # replicated embeddings
 
@@ -176,13 +180,13 @@ def test_inflation_replaces_a_classifier_of_another_size(tmp_path) -> None:
 def test_inflation_refuses_mismatched_checkpoints(tmp_path) -> None:
     _, path = _image_checkpoint(tmp_path, num_latent_tokens=16)
     with pytest.raises(CheckpointMismatchError, match="16 latent tokens.*num_latent_tokens=9"):
-        load_checkpoint(small_video(), path, filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_video(), path)
     _, path = _image_checkpoint(tmp_path, dims=(32, 96))
     with pytest.raises(CheckpointMismatchError, match=r"bridge.0.weight: checkpoint \(96, 32\) vs model \(64, 32\)"):
-        load_checkpoint(small_video(), path, filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_video(), path)
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "junk.pth")
     with pytest.raises(CheckpointMismatchError, match="no latent_rois"):
-        load_checkpoint(small_video(), tmp_path / "junk.pth", filter_fn=checkpoint_filter_fn)
+        load_checkpoint(small_video(), tmp_path / "junk.pth")
 
 
 def test_video_checkpoint_round_trip(tmp_path) -> None:

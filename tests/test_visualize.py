@@ -1,6 +1,6 @@
 """pipeline/visualize.py: figures drawn from the models' real sampling geometry.
 
-Every check goes back to the model's own trace (``sampling_trace`` / ``ats_trace``) converted to pixels here,
+Every check goes back to the model's own trace records (``models.trace``) converted to pixels here,
 independently of the module, or to hand-computed positions (initial grids), and reads the positions off the
 matplotlib artists (found by their ``gid``). Inputs are non-square (H != W) so that a swapped x / y shows.
 """
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import models
+from models.trace import record
 from pipeline.evaluation import ViewAggregator, summarize
 from pipeline.visualize import (
     collect_kept_counts,
@@ -102,6 +103,18 @@ def inputs(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def records(model: torch.nn.Module, x: torch.Tensor):
+    """The trace records of one forward (models.trace), independently of pipeline.visualize."""
+    with torch.no_grad(), record() as trace:
+        model(x)
+    return trace
+
+
+def psvit_points(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PS-ViT's points p_1 .. p_N of one forward, (N_iter, B, n*n, 2) normalised (x, y)."""
+    return torch.stack([r.points[:, :, 0] for r in records(model, x).sampled_points()])
+
+
 def image_of(geometry) -> np.ndarray:
     h, w = geometry.image_size
     shape = (geometry.num_frames, h, w, 3) if geometry.is_video else (h, w, 3)
@@ -120,7 +133,7 @@ def test_sparseformer_geometry_is_the_trace_in_pixels():
     model = perturb(small_sparseformer(), 1.0)
     x = inputs(2, 3, H, W)
     geoms = extract_geometry(model, x)
-    trace = model.sampling_trace
+    trace = records(model, x).sampled_points()
     assert len(geoms) == 2 and [g.family for g in geoms] == ["sparseformer"] * 2
     assert [s.stage for s in geoms[0].sampling] == [r.stage for r in trace] == [1, 2, 3, 4]
     assert [s.name for s in geoms[0].sampling] == ["focusing 1", "focusing 2", "focusing 3", "cortex 1"]
@@ -159,7 +172,7 @@ def test_sparseformer_figure_draws_the_trace():
     model = perturb(small_sparseformer(), 1.0)
     x = inputs(1, 3, H, W)
     geom = extract_geometry(model, x)[0]
-    trace = model.sampling_trace
+    trace = records(model, x).sampled_points()
     fig = plot_sparseformer_stages(image_of(geom), geom)
     panels = axes_with(fig, "roi")
     assert len(panels) == len(trace) == 4
@@ -199,11 +212,12 @@ def test_sampling_density_top_hat_by_hand():
 
 def test_density_figure_is_the_density_of_each_stage():
     model = perturb(small_sparseformer(), 1.0)
-    geom = extract_geometry(model, inputs(1, 3, H, W))[0]
+    x = inputs(1, 3, H, W)
+    geom = extract_geometry(model, x)[0]
     fig = plot_sampling_density(image_of(geom), geom, radius=4.0)
     panels = axes_with(fig, "density")
     assert len(panels) == 4
-    for ax, rec in zip(panels, model.sampling_trace):
+    for ax, rec in zip(panels, records(model, x).sampled_points()):
         (im,) = by_gid(ax, "density")
         pts = rec.points[0].double().numpy().reshape(-1, 2) * [W, H]
         np.testing.assert_allclose(np.asarray(im.get_array()), sampling_density(pts, (H, W), 4.0), rtol=1e-9)
@@ -216,7 +230,7 @@ def test_psvit_arrows_run_from_initial_to_final_points():
     model = perturb(small_psvit(), 0.5)
     x = inputs(2, 3, H, W)
     geoms = extract_geometry(model, x)
-    trace = model.sampling_trace.double()  # (N_iter, B, n*n, 2)
+    trace = psvit_points(model, x).double()  # (N_iter, B, n*n, 2)
     assert [s.name for s in geoms[0].sampling] == ["iteration 1", "iteration 2", "iteration 3"]
     # p_1 is the regular grid of cell centres (eq. 2), in pixels: x in {6, 18, 30, 42}, y in {8, 24, 40, 56}
     start = geoms[0].sampling[0].points[:, 0]
@@ -239,8 +253,8 @@ def test_psvit_ats_marks_the_kept_sampled_tokens():
     model = peaky(perturb(small_psvit("psvit_b_14_ats", depth=4, num_points=6, ats_ratio=0.5), 0.5))
     x = inputs(2, 3, H, W)
     geoms = extract_geometry(model, x)
-    final = model.sampling_trace[-1].double()  # (B, 36, 2): ATS positions index these tokens
-    traces = model.ats_trace
+    final = psvit_points(model, x)[-1].double()  # (B, 36, 2): ATS positions index these tokens
+    traces = records(model, x).kept_tokens()
     assert [s.stage for s in geoms[0].ats] == [t.stage for t in traces] == [1, 2, 3]
     for b, geom in enumerate(geoms):
         np.testing.assert_allclose(geom.token_xy, final[b].numpy() * [W, H], rtol=1e-6)
@@ -261,7 +275,7 @@ def test_ats_masks_grey_exactly_the_dropped_patches():
     model = small_deit_ats()
     x = inputs(3, 3, H, W)
     geoms = extract_geometry(model, x)
-    traces = model.ats_trace
+    traces = records(model, x).kept_tokens()
     rows, cols = H // 16, W // 16  # 4 x 3 patch grid
     for b, geom in enumerate(geoms):
         assert geom.patch_grid == (rows, cols) and geom.patch_size == (16, 16)
@@ -291,9 +305,7 @@ def test_kept_count_histogram_over_batches_matches_the_traces():
     counts = collect_kept_counts(model, [x[:4], {"image": x[4:]}])
     want: dict[int, list[int]] = {}
     for batch in (x[:4], x[4:]):
-        with torch.no_grad():
-            model(batch)
-        for tr in model.ats_trace:
+        for tr in records(model, batch).kept_tokens():
             want.setdefault(tr.stage, []).extend(tr.valid.sum(1).tolist())
     assert list(counts) == [1, 2, 4]
     for stage, values in want.items():
@@ -337,7 +349,7 @@ def test_video_sparseformer_tubes_and_points_per_frame():
     model = perturb(small_vsf(), 1.0)
     x = inputs(2, 3, T, h, w)
     geoms = extract_geometry(model, x)
-    trace = model.sampling_trace
+    trace = records(model, x).sampled_points()
     scale = np.array([w, h, T])
     for b, geom in enumerate(geoms):
         assert geom.num_frames == T and geom.is_video
@@ -368,7 +380,7 @@ def test_video_ats_same_kept_positions_in_every_frame(name):
                                       ats_ratio=0.5, num_classes=5).eval())
     x = inputs(2, 3, T, 64, 64)
     geoms = extract_geometry(model, x)
-    traces = model.ats_trace
+    traces = records(model, x).kept_tokens()
     assert len(traces) >= 1
     for b, geom in enumerate(geoms):
         assert geom.patch_grid == (4, 4) and geom.num_frames == T
@@ -409,11 +421,10 @@ def test_models_without_geometry_are_refused(name, kwargs, shape, cls, tmp_path)
 
 def test_stale_trace_is_refused():
     model = small_sparseformer()
-    with torch.no_grad():
-        model(inputs(2, 3, H, W))
+    trace = records(model, inputs(2, 3, H, W))  # the records of a forward on 2 inputs, read without a new one
     with pytest.raises(ValueError, match="another forward"):
-        extract_geometry(model, inputs(3, 3, H, W), run_forward=False)
-    assert len(extract_geometry(model, inputs(2, 3, H, W), run_forward=False)) == 2
+        extract_geometry(model, inputs(3, 3, H, W), trace=trace)
+    assert len(extract_geometry(model, inputs(2, 3, H, W), trace=trace)) == 2
 
 
 # ------------------------------------------------------------------------------------------ files

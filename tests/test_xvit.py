@@ -7,61 +7,29 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn as nn
 
 import models
 from models.ats import set_ats_k
-from models.checkpoint import CheckpointMismatchError, load_checkpoint
 from models.flops import count_flops, example_input
 from models.xvit import (
     ATSXViTBlock,
     XViT,
     XViTBlock,
     analytic_flops,
-    checkpoint_filter_fn,
     mix_time,
     xvit_8,
     xvit_8_ats,
 )
+from tests.model_fixtures import VIDEO_VIT_SMALL as SMALL
+from tests.model_fixtures import D, S, T, clips, kept_tokens, loaded, peaky, small_video_vit, vit_file
 
 torch.set_num_threads(1)
 
-# Reduced geometry: 64 px frames -> 16 positions, 3 frames, 64 channels; ATS in blocks 3-5 of 6.
-SMALL = {"img_size": 64, "num_frames": 3, "embed_dim": 64, "num_heads": 4, "depth": 6}
-T, S, D = 3, 16, 64
+# Reduced geometry (tests.model_fixtures): 64 px frames -> 16 positions, 3 frames, 64 channels; ATS in blocks 3-5 of 6.
 
 
 def small(name: str = "xvit_8", seed: int = 0, **kwargs) -> XViT:
-    torch.manual_seed(seed)
-    return models.create_model(name, **{**SMALL, **kwargs})
-
-
-def peaky(model: nn.Module) -> nn.Module:
-    """Sharpen every attention (x8 qkv weights) so that random-init scores vary and K' < K varies per clip."""
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(8)
-    return model
-
-
-def clips(n: int = 4, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 3, T, 64, 64, generator=g)
-    x[1] *= 0.1
-    x[2, :, :, :32] = 0
-    x[3] = x[3].mean(dim=(2, 3), keepdim=True)
-    return x[:n]
-
-
-def vit_file(tmp_path, depth: int = 2, embed_dim: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    vit = timm.create_model("vit_base_patch16_224", depth=depth, embed_dim=embed_dim, num_heads=4, img_size=64).eval()
-    with torch.no_grad():
-        vit.pos_embed.normal_(std=0.5)
-        vit.cls_token.normal_(std=0.5)
-    path = tmp_path / f"vit_d{depth}_e{embed_dim}.pth"
-    torch.save(vit.state_dict(), path)
-    return vit, path
+    return small_video_vit(name, seed, **kwargs)
 
 
 # --------------------------------------------------------------------------------------- shapes, contract
@@ -147,7 +115,7 @@ def test_mixing_window(shift_div, depth, frame, expected):
 def test_backbone_is_the_image_vit(tmp_path):
     vit, path = vit_file(tmp_path)
     ref = vit.state_dict()
-    m = load_checkpoint(small(depth=2), path, filter_fn=checkpoint_filter_fn).eval()
+    m = loaded(small(depth=2), path).eval()
     sd = m.state_dict()
     for key, value in ref.items():
         if not key.startswith("head."):
@@ -157,7 +125,7 @@ def test_backbone_is_the_image_vit(tmp_path):
     image_tokens = vit.forward_features(frames)  # (2, 1+S, D)
     t = 5
     clip = frames[:, :, None].expand(-1, -1, t, -1, -1)  # 5 identical frames
-    m5 = load_checkpoint(small(depth=2, num_frames=t), path, filter_fn=checkpoint_filter_fn).eval()
+    m5 = loaded(small(depth=2, num_frames=t), path).eval()
     with torch.no_grad():
         tokens = m5.forward_features(clip).view(2, t, 1 + S, D)
         # Identical frames: mixing a frame with identical neighbours changes nothing, so after 2 layers the
@@ -165,8 +133,7 @@ def test_backbone_is_the_image_vit(tmp_path):
         assert torch.allclose(tokens[:, 2], image_tokens, atol=1e-5)
         assert not torch.allclose(tokens[:, 0], image_tokens, atol=1e-3)
         # Without mixing (the spatial-only baseline) every frame is the image model.
-        flat = load_checkpoint(small(depth=2, num_frames=t, shift_div=0), path,
-                               filter_fn=checkpoint_filter_fn).eval()
+        flat = loaded(small(depth=2, num_frames=t, shift_div=0), path).eval()
         assert torch.allclose(flat.forward_features(clip).view(2, t, 1 + S, D),
                               image_tokens[:, None].expand(-1, t, -1, -1), atol=1e-5)
 
@@ -179,20 +146,11 @@ def test_builder_loads_strictly_and_resizes_pos_embed(tmp_path):
     assert big.pos_embed.shape == (1, 37, 64) and torch.equal(big.pos_embed[:, 0], vit.pos_embed[:, 0])
 
 
-def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
-    _, deeper = vit_file(tmp_path, depth=3)
-    with pytest.raises(CheckpointMismatchError, match="blocks.2"):
-        load_checkpoint(small(depth=2), deeper, filter_fn=checkpoint_filter_fn)
-    _, wider = vit_file(tmp_path, embed_dim=32)
-    with pytest.raises(CheckpointMismatchError, match="pos_embed|patch_embed"):
-        load_checkpoint(small(depth=2), wider, filter_fn=checkpoint_filter_fn)
-
-
 def test_xvit_checkpoint_round_trip(tmp_path):
     m = small("xvit_8_ats")
     path = tmp_path / "xvit.pth"
     torch.save(m.state_dict(), path)
-    other = load_checkpoint(small("xvit_8", seed=1), path, filter_fn=checkpoint_filter_fn).eval()
+    other = loaded(small("xvit_8", seed=1), path, classifier="strict").eval()
     with torch.no_grad():
         set_ats_k(m.eval(), keep_all=True)
         x = clips(2)
@@ -207,39 +165,15 @@ def test_k_bound_and_positions_shared_by_frames():
     set_ats_k(m, 6)
     x = clips()
     with torch.no_grad():
-        feats = m.forward_features(x)
-    traces = m.ats_trace
+        feats, traces = kept_tokens(m, x, "forward_features")
     assert [tr.stage for tr in traces] == [3, 4, 5]
+    assert all(tr.grid == (4, 4) and tr.num_frames == T for tr in traces)  # positions of the frame grid
     for tr in traces:
         assert (tr.counts >= 1).all() and (tr.counts <= 6).all()
     kmax = int(traces[-1].counts.max())
     assert feats.shape == (4, T * (1 + kmax), D)
     live = feats.view(4, T, 1 + kmax, D)[:, :, 1:].abs().amax(-1) > 0  # (B, T, K'max)
     assert torch.equal(live, traces[-1].valid[:, None].expand(-1, T, -1))  # same slots live in every frame
-
-
-def test_batch_independence():
-    m = peaky(small("xvit_8_ats")).eval()
-    set_ats_k(m, 6)
-    x = clips()
-    with torch.no_grad():
-        batched = m(x)
-        counts = torch.stack([tr.counts for tr in m.ats_trace], 1)
-        positions = [tr.kept_positions for tr in m.ats_trace]
-        assert len({tuple(c) for c in counts.tolist()}) > 1, "clips should keep different K' (padding exercised)"
-        for i in range(x.shape[0]):
-            alone = m(x[i:i + 1])
-            assert torch.allclose(alone, batched[i:i + 1], atol=1e-4)
-            assert [tr.kept_positions[0].tolist() for tr in m.ats_trace] == [p[i].tolist() for p in positions]
-
-
-def test_gradients_flow_through_kept_rows():
-    m = peaky(small("xvit_8_ats")).train()
-    set_ats_k(m, 5)
-    m(clips(2)).logsumexp(-1).sum().backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
-    assert m.blocks[4].attn.qkv.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
