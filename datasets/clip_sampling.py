@@ -9,12 +9,13 @@ Videos shorter than the span repeat their last frame (PySlowFast's ``temporal_sa
 indices to the last frame the same way): the clip keeps its stride, and indices past the end
 read the last frame again.
 
-Evaluation clips are spaced uniformly with PySlowFast's convention
-(``slowfast/datasets/decoder.py: get_start_end_idx``): with ``delta = max(n - span, 0)``, clip
-``k`` of ``K`` starts at ``floor(delta * k / (K - 1))``, so the first clip starts at frame 0
-and the last one ends on the last frame; a single clip (``K = 1``) is centred,
-``start = delta // 2``. PySlowFast keeps these starts as floats and truncates them when it
-turns them into indices; Glimpse floors once, with integers, so the result is exact.
+Evaluation clips follow mmaction2 1.x's ``SampleFrames`` in test mode (``mmaction/datasets/transforms/
+loading.py: SampleFrames._get_test_clips``, the 3D-recognizer branch without ``target_fps``): with
+``delta = max(n - span, 0)``, clip ``k`` of ``K`` starts at ``round(k * (delta / (K - 1)))``, rounded as
+NumPy rounds (half to even), so the first clip starts at frame 0 and the last one ends on the last frame;
+a single clip (``K = 1``) is centred, ``start = delta // 2``. Glimpse computes the starts the same way, in
+float64 with ``np.round``, so they equal mmaction2's for every video length. (PySlowFast's
+``get_start_end_idx`` spaces its clips differently, at ``delta * k / K``; it is not the convention here.)
 """
 
 from __future__ import annotations
@@ -109,14 +110,17 @@ class RandomClipSampler:
 class UniformClipSampler:
     """Evaluation clips: ``K`` clips of ``T`` frames at stride ``s``, spaced uniformly over the video.
 
-    With ``delta = max(n - span, 0)``, clip ``k`` starts at ``floor(delta * k / (K - 1))`` for
-    ``K > 1`` (first clip at the start, last clip flush with the end) and at ``delta // 2`` for
-    ``K = 1`` (centred). Returns all ``K`` clips, in order.
+    mmaction2's ``SampleFrames`` test mode (module docstring): with ``delta = max(n - span, 0)``, clip
+    ``k`` starts at ``round(k * delta / (K - 1))`` (NumPy's round, half to even) for ``K > 1`` (first
+    clip at the start, last clip flush with the end) and at ``delta // 2`` for ``K = 1`` (centred).
+    Returns all ``K`` clips, in order.
 
     Example (``T = 4``, ``s = 2``, span 7, ``K = 3``, a 20-frame video, ``delta = 13``)::
 
-        >>> [c.indices.tolist() for c in UniformClipSampler(4, 2, num_clips=3)(20)]
+        >>> [c.indices.tolist() for c in UniformClipSampler(4, 2, num_clips=3)(20)]   # 6.5 rounds to 6
         [[0, 2, 4, 6], [6, 8, 10, 12], [13, 15, 17, 19]]
+        >>> UniformClipSampler(4, 2, num_clips=4).starts(20)   # 13/3 = 4.33, 8.67
+        [0, 4, 9, 13]
         >>> UniformClipSampler(4, 2, num_clips=1)(20)[0].start   # centred: 13 // 2
         6
     """
@@ -136,7 +140,9 @@ class UniformClipSampler:
         delta = max(0, int(video_num_frames) - self.span)
         if self.num_clips == 1:
             return [delta // 2]
-        return [delta * k // (self.num_clips - 1) for k in range(self.num_clips)]
+        # float64 and np.round exactly as mmaction2 computes them (half to even: 6.5 -> 6, 7.5 -> 8)
+        offsets = np.arange(self.num_clips) * (delta / float(self.num_clips - 1))
+        return [int(v) for v in np.round(offsets)]
 
     def __call__(self, video_num_frames: int, rng: np.random.Generator | None = None) -> list[ClipInfo]:
         # ``rng`` is accepted (and ignored) so both samplers share one call signature.

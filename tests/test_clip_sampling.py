@@ -63,12 +63,14 @@ def test_random_clip_covers_every_start_uniformly():
     assert all(sampler(7, rng).start == 0 for _ in range(50))  # exact length: only start 0
 
 
-# (T, s, K, video frames) -> expected starts (PySlowFast: floor(delta * k / (K - 1)); K = 1 centred)
+# (T, s, K, video frames) -> expected starts (mmaction2 SampleFrames test mode: np.round(k * delta / (K - 1));
+# half to even; K = 1 centred)
 UNIFORM_TABLE = [
-    (4, 2, 3, 20, [0, 6, 13]),  # delta 13: 0, floor(6.5), 13
+    (4, 2, 3, 20, [0, 6, 13]),  # delta 13: 0, round(6.5) = 6 (half to even), 13
+    (4, 2, 3, 22, [0, 8, 15]),  # delta 15: round(7.5) = 8 (half to even)
     (4, 2, 1, 20, [6]),  # centred: 13 // 2
     (4, 2, 2, 20, [0, 13]),
-    (4, 2, 4, 20, [0, 4, 8, 13]),  # 13/3 = 4.33, 8.67
+    (4, 2, 4, 20, [0, 4, 9, 13]),  # 13/3 = 4.33, 8.67 -> 9 (rounded, not floored)
     (4, 2, 3, 7, [0, 0, 0]),  # exact length: every clip is the whole video
     (4, 2, 1, 7, [0]),
     (4, 2, 3, 5, [0, 0, 0]),  # short: every clip starts at 0 and repeats the last frame
