@@ -13,9 +13,11 @@ What a forward kept and where it sampled is read through :mod:`models.trace`
 from models import (  # noqa: F401
     ats_vit,
     baseline,
+    evit,
     psvit,
     sparseformer,
     timesformer,
+    tome,
     trace,
     video_sparseformer,
     xvit,
