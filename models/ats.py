@@ -14,7 +14,8 @@ The mechanism is split the way ``timm/layers/patch_dropout.py`` is (STYLE #5):
 * glue: :func:`convert_blocks` (turn a run of timm ``Block`` s into ATS/masked blocks in place),
   :func:`forward_ats_blocks` (the loop that threads the token mask and, while a trace is recorded,
   emits one :class:`models.trace.KeptTokens` per ATS stage), :func:`set_ats_k` (K is an
-  inference-time knob) and :func:`upper_bound_sampling` (count cost at the upper bound K' = K).
+  inference-time knob), :func:`set_ats_mode` (dynamic or static shapes, below) and
+  :func:`upper_bound_sampling` (count cost at the upper bound K' = K).
 
 Attention itself (fused SDPA or the manual softmax, padded keys masked) and the re-zeroing of padded
 rows are :mod:`models.attention`'s, shared with the video transformers. Nothing is stored on a module
@@ -45,6 +46,23 @@ Conventions (decided here; the paper is silent or ambiguous):
 * Kept slots. After sampling, a sample's ``K'`` kept tokens sit in slots ``1..K'`` in ascending
   original position; slots ``K'+1..K'max`` are padding (appendix A: "sampled tokens in the lower
   indices"). Index values in invalid slots are arbitrary (a duplicate): always read them with the mask.
+  A stage whose slots reach all M candidates keeps them IN PLACE instead (kept indices ``0..M-1``, the
+  mask marks the picks): nothing is gathered or copied, e.g. with ``keep_all`` or K = N - 1.
+
+Two modes, the same weights and the same logits (``ats_mode``, :func:`set_ats_mode`):
+
+* ``dynamic`` (default): each stage trims the batch to its largest K' and packs live tokens for the
+  linear layers when padding is plentiful (appendix A). Reading K'max is a device-to-host sync, and the
+  shape depends on the data: ``torch.compile`` breaks its graph there, ``torch.export`` cannot trace it.
+* ``static``: each stage keeps exactly ``1 + K`` slots, K resolved from the stage's input SLOT count
+  (the largest K any sample can resolve to). ATS eq. 5's fixed points map to picks in ascending order;
+  a repeated pick (several fixed points in one token's interval, or the points past a sample's own K)
+  keeps its slot, masked out like padding. No host sync, no data-dependent shape: compiles with
+  ``fullgraph=True``, exports with a dynamic batch, runs on meta tensors. Masked slots are computed and
+  discarded, so a stage whose K' << K costs more than in dynamic mode.
+
+A forward on meta tensors always runs the static path (there are no values to trim by): a dynamic model
+still builds and runs on the meta device (timm's own model tests do that).
 """
 
 from __future__ import annotations
@@ -74,6 +92,7 @@ __all__ = [
     "MaskedBlock",
     "ats_significance",
     "ats_stages",
+    "check_ats_mode",
     "check_ats_stages",
     "class_attention",
     "convert_blocks",
@@ -85,8 +104,10 @@ __all__ = [
     "pack_tokens",
     "resolve_k",
     "resolve_k_per_sample",
+    "kept_rows",
     "select_tokens",
     "set_ats_k",
+    "set_ats_mode",
     "unpack_tokens",
     "upper_bound_sampling",
     "with_class_token",
@@ -94,6 +115,7 @@ __all__ = [
 ]
 
 DEFAULT_K_FLOOR = 8  # appendix E.1: K_n = max(floor(rho * N_n), 8)
+ATS_MODES = ("dynamic", "static")  # module docstring: trim to K'max, or exactly 1 + K slots
 PACK_MIN_PADDING = 0.2  # pack live tokens for the FC layers when >= 20% of a batch's slots are padding
 
 # Set by ``upper_bound_sampling()``: sample as if every score were equal, so K' = min(K, live) exactly.
@@ -114,6 +136,21 @@ def _check_k_args(k: int | None, ratio: float | None, floor: int) -> None:
         raise ValueError(f"ATS ratio must be in (0, 1], got ratio={ratio!r}")
     if isinstance(floor, bool) or not isinstance(floor, int) or floor < 1:
         raise ValueError(f"ATS K floor must be a positive integer, got floor={floor!r}")
+
+
+def check_ats_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`ATS_MODES`, else ``ValueError`` naming it."""
+    if mode not in ATS_MODES:
+        raise ValueError(f"ats_mode must be one of {ATS_MODES}, got {mode!r}")
+    return mode
+
+
+def _check(cond: Tensor, msg: str, static: bool) -> None:
+    """Assert a device bool: read on the host in dynamic mode, a device-side assert (no sync) in static mode."""
+    if static:
+        torch._assert_async(cond, msg)
+    else:
+        torch._assert(bool(cond), msg)
 
 
 def resolve_k(n_tokens: int, k: int | None = None, ratio: float | None = None,
@@ -139,13 +176,14 @@ def resolve_k(n_tokens: int, k: int | None = None, ratio: float | None = None,
 
 @register_notrace_function
 def resolve_k_per_sample(n_live: Tensor, k: int | None = None, ratio: float | None = None,
-                         floor: int = DEFAULT_K_FLOOR) -> Tensor:
+                         floor: int = DEFAULT_K_FLOOR, static: bool = False) -> Tensor:
     """Vectorised :func:`resolve_k` over samples: ``n_live`` (B,) live tokens incl. class -> (B,) K.
 
     Each sample's K depends only on its own live tokens, which keeps sampling batch-independent.
+    ``static``: the input check runs on the device (no host sync).
     """
     _check_k_args(k, ratio, floor)
-    torch._assert(bool((n_live >= 2).all()), "ATS needs a class token and at least one live token per sample")
+    _check((n_live >= 2).all(), "ATS needs a class token and at least one live token per sample", static)
     n_live = n_live.long()
     if k is not None:
         kk = torch.full_like(n_live, k)
@@ -202,8 +240,8 @@ def ats_significance(cls_attn: Tensor, v: Tensor, token_mask: Tensor | None = No
 
 
 @register_notrace_function
-def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor | None = None
-                             ) -> tuple[Tensor, Tensor]:
+def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor | None = None,
+                             slots: int | None = None) -> tuple[Tensor, Tensor]:
     """Deterministic inverse transform sampling, ATS eqs. 4-5, with repeats removed per sample.
 
     Args:
@@ -211,22 +249,25 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
             tokens), e.g. from :func:`ats_significance`; need not be normalised.
         k: K, the number of fixed points, as an int or a (B,) tensor (one K per sample).
         token_mask: (B, M) bool over the SAME tokens as ``scores`` (True = live), or None.
+        slots: None (dynamic mode) or the static mode's slot count, ``>= K`` of every sample.
 
     Returns:
-        ``kept`` (B, K'max) long indices into the M candidates and ``valid`` (B, K'max) bool.
-        A sample's K' <= K unique picks occupy its first K' slots in ascending index (= original
-        position) order; later slots are padding (their index values are meaningless).
-        K'max is the largest K' in the batch (trimmed), and K' >= 1 for every sample.
+        ``kept`` (B, L) long indices into the M candidates and ``valid`` (B, L) bool, K' >= 1 valid
+        slots per sample. Dynamic: L = K'max, the largest K' in the batch (trimmed); a sample's K' <= K
+        unique picks occupy its first K' slots in ascending index (= original position) order, later
+        slots are padding (their index values are meaningless). Static: L = ``slots``, the picks of
+        the fixed points in ascending order, each repeat invalid. Either way, when L reaches M the
+        candidates stay in place: ``kept`` = 0..M-1 and ``valid`` marks the picks (no gather needed).
 
     The fixed points are ``y_i = (2i - 1) / (2K)``, i = 1..K (ATS eq. 5 with the paper's deterministic
     scheme); ``y`` maps to the first token whose CDF reaches it (see module docstring for ties).
     Inside :func:`upper_bound_sampling` every live score counts as equal, so K' = min(K, live).
     """
     B, M = scores.shape
-    device = scores.device
+    device, static = scores.device, slots is not None
     live = torch.ones_like(scores, dtype=torch.bool) if token_mask is None else token_mask  # (B, M)
     torch._assert(live.shape == (B, M), "inverse_transform_sample: token_mask must match scores (B, M)")
-    torch._assert(bool(live.any(dim=1).all()), "inverse_transform_sample: every sample needs a live token")
+    _check(live.any(dim=1).all(), "inverse_transform_sample: every sample needs a live token", static)
     # float64: CDF boundaries are then exact enough that rounding never merges or splits picks
     w = scores.detach().double().clamp_min(0) * live  # (B, M), padding weighs 0
     if _UPPER_BOUND.get():
@@ -237,8 +278,10 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
     cdf = cdf / cdf[:, -1:]  # (B, M) exactly 1 at the end (x / x == 1 in IEEE arithmetic)
 
     k_b = torch.as_tensor(k, device=device, dtype=torch.long).expand(B)  # (B,)
-    torch._assert(bool((k_b >= 1).all()), "inverse_transform_sample: K must be >= 1")
-    k_max = int(k_b.max())
+    _check((k_b >= 1).all(), "inverse_transform_sample: K must be >= 1", static)
+    if static:
+        _check((k_b <= slots).all(), "inverse_transform_sample: a sample's K exceeds the static slots", static)
+    k_max = slots if static else int(k_b.max())  # host sync in dynamic mode only
     i = torch.arange(k_max, device=device, dtype=torch.float64)  # (Kmax,)
     k_f = k_b.double()[:, None]  # (B, 1)
     ys = (2 * i[None, :] + 1) / (2 * k_f)  # (B, Kmax) fixed points (2i-1)/(2K), 1-based i
@@ -249,7 +292,13 @@ def inverse_transform_sample(scores: Tensor, k: int | Tensor, token_mask: Tensor
     first = torch.ones_like(picks, dtype=torch.bool)  # (B, Kmax)
     first[:, 1:] = picks[:, 1:] != picks[:, :-1]
     counts = first.sum(dim=1)  # (B,) K'
-    k_kept = int(counts.max())  # K'max: trim the batch to the largest K'
+    k_kept = k_max if static else int(counts.max())  # K'max: trim the batch to the largest K' (dynamic)
+    if k_kept >= M:  # every candidate has a slot: keep them in place, mark the picks (no gather later)
+        kept = torch.arange(M, device=device).expand(B, M)  # (B, M)
+        picked = torch.ones_like(picks, dtype=torch.bool)  # a tensor source: fvcore's jit trace takes no bool scalar
+        return kept, torch.zeros_like(live).scatter_(1, picks, picked)  # (B, M) valid = picked
+    if static:
+        return picks, first  # (B, slots) repeats stay, masked
     order = torch.argsort((~first).to(torch.int8), dim=1, stable=True)[:, :k_kept]  # (B, K'max) uniques first
     kept = picks.gather(1, order)  # (B, K'max) ascending positions
     valid = torch.arange(k_kept, device=device)[None, :] < counts[:, None]  # (B, K'max)
@@ -287,6 +336,15 @@ def with_class_token(kept_idx: Tensor) -> Tensor:
     """Kept indices over non-class tokens (B, K) -> row indices over the full sequence (B, 1+K)."""
     cls = torch.zeros_like(kept_idx[:, :1])  # (B, 1) the class token (row 0) is always kept
     return torch.cat([cls, kept_idx + 1], dim=1)  # (B, 1+K)
+
+
+@register_notrace_function  # an FX leaf: the shape test sees real tensors only at run time
+def kept_rows(x: Tensor, kept_idx: Tensor) -> Tensor:
+    """The class + kept rows of ``x`` (B, N, *rest) for ``kept_idx`` (B, K) over its N - 1 non-class
+    rows -> (B, 1+K, *rest); ``x`` itself, no copy, when K = N - 1 (the in-place layout: every slot kept)."""
+    if kept_idx.shape[1] == x.shape[1] - 1:
+        return x
+    return select_tokens(x, with_class_token(kept_idx))  # (B, 1+K, *rest)
 
 
 @register_notrace_function
@@ -354,7 +412,8 @@ def masked_pool(x: Tensor, token_mask: Tensor | None, pool_type: str, num_prefix
 # --------------------------------------------------------------------------------------------------
 
 class ATSSamplingMixin:
-    """The inference-time knobs of an ATS sampler: K (count) or ratio, the floor, and ``keep_all``.
+    """The inference-time knobs of an ATS sampler: K (count) or ratio, the floor, ``keep_all``, and the
+    mode (``dynamic`` or ``static`` shapes, module docstring).
 
     ``keep_all=True`` bypasses sampling (every live token kept) while running the rest of the ATS
     path: the exact "nothing dropped" reference. Note that the paper's K = N does NOT mean nothing
@@ -367,6 +426,18 @@ class ATSSamplingMixin:
     ats_ratio: float | None = None
     ats_floor: int = DEFAULT_K_FLOOR
     ats_keep_all: bool = False
+    ats_mode: str = "dynamic"
+
+    def set_mode(self, mode: str) -> None:
+        self.ats_mode = check_ats_mode(mode)
+
+    def is_static(self, x: Tensor) -> bool:
+        """Whether this forward runs static shapes: static mode, or meta tensors (no values to trim by)."""
+        return self.ats_mode == "static" or (isinstance(x, Tensor) and x.device.type == "meta")  # FX: a Proxy
+
+    def static_slots(self, n_tokens: int) -> int:
+        """Static mode's K for ``n_tokens`` input slots (class incl.): no sample can resolve a larger K."""
+        return resolve_k(n_tokens, self.ats_k, self.ats_ratio, self.ats_floor)
 
     def set_k(self, k: int | None = None, ratio: float | None = None, *, floor: int = DEFAULT_K_FLOOR,
               keep_all: bool = False) -> None:
@@ -374,22 +445,24 @@ class ATSSamplingMixin:
         _check_k_args(k, ratio, floor)
         self.ats_k, self.ats_ratio, self.ats_floor, self.ats_keep_all = k, ratio, floor, bool(keep_all)
 
-    def k_per_sample(self, n_live: Tensor) -> Tensor:
+    def k_per_sample(self, n_live: Tensor, static: bool = False) -> Tensor:
         """(B,) live tokens incl. class -> (B,) K for this stage."""
-        return resolve_k_per_sample(n_live, self.ats_k, self.ats_ratio, self.ats_floor)
+        return resolve_k_per_sample(n_live, self.ats_k, self.ats_ratio, self.ats_floor, static)
 
     def extra_repr(self) -> str:
         return self.ats_extra_repr()
 
     def ats_extra_repr(self) -> str:
+        mode = ", mode=static" if self.ats_mode == "static" else ""
         if self.ats_keep_all:
-            return "keep_all=True"
+            return "keep_all=True" + mode
         if self.ats_k is not None:
-            return f"k={self.ats_k}"
-        return f"ratio={self.ats_ratio}, floor={self.ats_floor}" if self.ats_ratio is not None else "k=N"
+            return f"k={self.ats_k}" + mode
+        return (f"ratio={self.ats_ratio}, floor={self.ats_floor}" if self.ats_ratio is not None else "k=N") + mode
 
 
-def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor | None) -> Tensor:
+def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor | None,
+            static: bool = False) -> Tensor:
     """Softmax(q k^T / sqrt(d)) v for the given query rows only, fused or manual as ``attn.fused_attn``
     says (STYLE #6; :func:`models.attention.masked_attention`).
 
@@ -398,7 +471,8 @@ def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor
     Lq == N (a masked block).
     """
     return masked_attention(q, k, v, token_mask, scale=attn.scale, fused=attn.fused_attn,
-                            dropout_p=attn.attn_drop.p if attn.training else 0.0)  # (B, H, Lq, Dh) ATS eq. 2 / ATS eq. 6
+                            dropout_p=attn.attn_drop.p if attn.training else 0.0,
+                            static=static)  # (B, H, Lq, Dh) ATS eq. 2 / ATS eq. 6
 
 
 def _output(attn: Attention, o: Tensor, x_rows: Tensor, live_index: Tensor | None) -> Tensor:
@@ -428,14 +502,17 @@ class MaskedAttention(Attention):
     """timm ``Attention`` that ignores padded tokens: padded keys are out of every softmax and the
     QKV / output projections run on live tokens only. Same parameters as timm's ``Attention``.
 
-    ``forward(x (B, N, C), token_mask (B, N) | None) -> (B, N, C)``, zero in padded rows.
+    ``forward(x (B, N, C), token_mask (B, N) | None, static) -> (B, N, C)``, zero in padded rows;
+    ``static``: no packing and no host sync (the padded rows are computed and discarded).
     """
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,  # type: ignore[override]
+                static: bool = False) -> Tensor:
         B, N, C = x.shape
-        li = live_token_index(token_mask)  # (L,) or None
+        li = None if static else live_token_index(token_mask)  # (L,) or None
         q, k, v = _qkv(self, x, li)  # each (B, N, H, Dh)
-        o = _attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), token_mask)  # (B, H, N, Dh)
+        o = _attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), token_mask,
+                    static)  # (B, H, N, Dh)
         return _output(self, o, x, li)  # (B, N, C)
 
 
@@ -451,20 +528,23 @@ class ATSAttention(ATSSamplingMixin, Attention):
     3. ``O = A^s V`` (ATS eq. 6) for the class + kept rows only, with fused SDPA (queries = kept rows,
        keys/values = all live tokens): never the full N x N matrix. Gradients flow through these rows.
 
-    ``forward(x (B, N, C), token_mask (B, N) | None) -> (out (B, 1+K'max, C), kept_idx (B, K'max),
-    new_mask (B, 1+K'max))``: ``kept_idx`` indexes the input's non-class tokens (0 = token 1).
-    ``out`` is zero in padded rows; the caller gathers the residual with :func:`with_class_token`.
+    ``forward(x (B, N, C), token_mask (B, N) | None, static=None) -> (out (B, 1+L, C), kept_idx (B, L),
+    new_mask (B, 1+L))``: ``kept_idx`` indexes the input's non-class tokens (0 = token 1); L = K'max
+    (dynamic) or K (static), N - 1 when every slot stays in place. ``out`` is zero in padded rows; the
+    caller gathers the residual with :func:`kept_rows`. ``static=None`` follows :meth:`is_static`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, k: int | None = None, ratio: float | None = None,
-                 floor: int = DEFAULT_K_FLOOR, **attn_kwargs) -> None:
+                 floor: int = DEFAULT_K_FLOOR, mode: str = "dynamic", **attn_kwargs) -> None:
         super().__init__(dim, num_heads=num_heads, **attn_kwargs)
         self.set_k(k, ratio, floor=floor)
+        self.set_mode(mode)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None  # type: ignore[override]
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,  # type: ignore[override]
+                static: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, N, C = x.shape
-        li = live_token_index(token_mask)  # (L,) or None
+        static = self.is_static(x) if static is None else static
+        li = None if static else live_token_index(token_mask)  # (L,) or None
         q, k, v = _qkv(self, x, li)  # each (B, N, H, Dh)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh)
         n_live = (torch.full((B,), N, device=x.device, dtype=torch.long) if token_mask is None
@@ -479,53 +559,60 @@ class ATSAttention(ATSSamplingMixin, Attention):
                 cls_attn = class_attention(q[:, 0].detach(), k.detach(), self.scale, token_mask)  # (B, H, N)
                 scores = ats_significance(cls_attn, v.detach(), token_mask)  # (B, N-1) ATS eq. 3
                 kept_idx, kept_valid = inverse_transform_sample(
-                    scores, self.k_per_sample(n_live), None if token_mask is None else token_mask[:, 1:])
-        rows = with_class_token(kept_idx)  # (B, 1+K) rows of A kept: class + sampled
+                    scores, self.k_per_sample(n_live, static), None if token_mask is None else token_mask[:, 1:],
+                    slots=self.static_slots(N) if static else None)
         new_mask = torch.cat([torch.ones_like(kept_valid[:, :1]), kept_valid], dim=1)  # (B, 1+K)
+        out_mask = token_mask if self.ats_keep_all else new_mask  # keep_all: the same (or no) padding
 
-        q_rows = select_tokens(q, rows).transpose(1, 2)  # (B, H, 1+K, Dh) queries of kept rows only
-        o = _attend(self, q_rows, k, v, token_mask)  # (B, H, 1+K, Dh) O = A^s V, ATS eq. 6
-        out = _output(self, o, select_tokens(x, rows), live_token_index(new_mask))  # (B, 1+K, C)
+        q_rows = kept_rows(q, kept_idx).transpose(1, 2)  # (B, H, 1+K, Dh) queries of kept rows only
+        o = _attend(self, q_rows, k, v, token_mask, static)  # (B, H, 1+K, Dh) O = A^s V, ATS eq. 6
+        out = _output(self, o, kept_rows(x, kept_idx),
+                      None if static else live_token_index(out_mask))  # (B, 1+K, C)
         return out, kept_idx, new_mask
 
 
-def _ffn(block: Block, x: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Residual FFN branch on live tokens only (norm2 and MLP see no padding): (B, N, C) -> (B, N, C)."""
-    li = live_token_index(token_mask)
+def _ffn(block: Block, x: Tensor, token_mask: Tensor | None, static: bool = False) -> Tensor:
+    """Residual FFN branch on live tokens only (norm2 and MLP see no padding; ``static``: every slot,
+    no packing): (B, N, C) -> (B, N, C)."""
+    li = None if static else live_token_index(token_mask)
     y = unpack_tokens(block.mlp(block.norm2(pack_tokens(x, li))), li, x)  # (B, N, C)
     return x + block.drop_path2(block.ls2(y))  # drop_path per sample, after unpacking
 
 
 class MaskedBlock(Block):
     """timm ``Block`` (same parameter names) for the blocks after an ATS stage: masked attention,
-    FFN on live tokens, padded rows kept at zero. ``forward(x, token_mask) -> x``."""
+    FFN on live tokens, padded rows kept at zero. ``forward(x, token_mask, static=False) -> x``."""
 
     def __init__(self, dim: int, num_heads: int, **block_kwargs) -> None:
         super().__init__(dim, num_heads, attn_layer=MaskedAttention, **block_kwargs)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), token_mask)))  # (B, N, C)
-        return zero_padding(_ffn(self, x, token_mask), token_mask)
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,  # type: ignore[override]
+                static: bool = False) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), token_mask, static)))  # (B, N, C)
+        return zero_padding(_ffn(self, x, token_mask, static), token_mask, static)
 
 
 class ATSBlock(Block):
     """timm ``Block`` (same parameter names) whose attention samples tokens (appendix E.6):
     ``O = A^s V`` for the kept rows, residual gathered for them, then the FFN on kept tokens only.
 
-    ``forward(x (B, N, C), token_mask) -> (x (B, 1+K'max, C), kept_idx (B, K'max), new_mask)``.
+    ``forward(x (B, N, C), token_mask, static=None) -> (x (B, 1+L, C), kept_idx (B, L), new_mask)``
+    (:class:`ATSAttention`). With ``keep_all`` nothing is gathered and the mask stays ``token_mask``.
     """
 
     def __init__(self, dim: int, num_heads: int, *, k: int | None = None, ratio: float | None = None,
-                 floor: int = DEFAULT_K_FLOOR, **block_kwargs) -> None:
+                 floor: int = DEFAULT_K_FLOOR, mode: str = "dynamic", **block_kwargs) -> None:
         super().__init__(dim, num_heads, attn_layer=ATSAttention, **block_kwargs)
         self.attn.set_k(k, ratio, floor=floor)
+        self.attn.set_mode(mode)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None  # type: ignore[override]
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        out, kept_idx, new_mask = self.attn(self.norm1(x), token_mask)  # (B, 1+K, C)
-        x = select_tokens(x, with_class_token(kept_idx))  # (B, 1+K, C) residual of the kept rows
-        x = x + self.drop_path1(self.ls1(out))
-        return zero_padding(_ffn(self, x, new_mask), new_mask), kept_idx, new_mask
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,  # type: ignore[override]
+                static: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        static = self.attn.is_static(x) if static is None else static
+        out, kept_idx, new_mask = self.attn(self.norm1(x), token_mask, static)  # (B, 1+K, C)
+        x = kept_rows(x, kept_idx) + self.drop_path1(self.ls1(out))  # (B, 1+K, C) residual of the kept rows
+        mask = token_mask if self.attn.ats_keep_all else new_mask  # keep_all: padding (if any) unchanged
+        return zero_padding(_ffn(self, x, mask, static), mask, static), kept_idx, new_mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,11 +635,14 @@ def _convert_block(block: nn.Module, new_cls: type[Block], attn_cls: type[Attent
 
 
 def convert_blocks(blocks: Sequence[nn.Module], stages: Sequence[int], k: int | Sequence[int | None] | None = None,
-                   ratio: float | Sequence[float | None] | None = None, floor: int = DEFAULT_K_FLOOR) -> None:
+                   ratio: float | Sequence[float | None] | None = None, floor: int = DEFAULT_K_FLOOR,
+                   mode: str = "dynamic") -> None:
     """Turn timm ``Block`` s into ATS blocks in place: ``blocks[s]`` for s in ``stages`` sample
     tokens (K or ratio per stage, one value for all or one per stage), every later block becomes a
     :class:`MaskedBlock`; earlier blocks are untouched. Parameters (and state_dict keys) are unchanged.
+    ``mode``: ``dynamic`` or ``static`` shapes (module docstring).
     """
+    check_ats_mode(mode)
     depth = len(blocks)
     stages = check_ats_stages(stages, depth)
     if not stages:
@@ -566,6 +656,7 @@ def convert_blocks(blocks: Sequence[nn.Module], stages: Sequence[int], k: int | 
             j = stages.index(i)
             blk = _convert_block(blocks[i], ATSBlock, ATSAttention)
             blk.attn.set_k(ks[j], ratios[j], floor=floor)
+            blk.attn.set_mode(mode)
         else:
             _convert_block(blocks[i], MaskedBlock, MaskedAttention)
 
@@ -613,6 +704,18 @@ def set_ats_k(model: nn.Module, k: int | Sequence[int | None] | None = None,
     return model
 
 
+def set_ats_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every ATS stage of ``model`` to ``dynamic`` or ``static`` shapes (module docstring) at
+    inference time; the weights and the logits stay the same. Returns ``model``."""
+    samplers = ats_stages(model)
+    if not samplers:
+        raise ValueError(f"{type(model).__name__} has no ATS stage")
+    check_ats_mode(mode)
+    for s in samplers:
+        s.set_mode(mode)
+    return model
+
+
 def forward_ats_blocks(blocks: Iterable[nn.Module], x: Tensor, token_mask: Tensor | None = None, *,
                        checkpoint: bool = False, grid: tuple[int, int] | None = None,
                        candidates_xy: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -623,19 +726,25 @@ def forward_ats_blocks(blocks: Iterable[nn.Module], x: Tensor, token_mask: Tenso
     :class:`models.trace.KeptTokens` (stage = index in ``blocks``) whose positions index the N - 1
     non-class tokens ``blocks`` received: the patch cells of ``grid`` (rows, cols), or the points
     ``candidates_xy`` (B, N-1, 2) in normalised input (x, y) (PS-ViT's sampled tokens).
+    Once a stage runs static shapes (:meth:`ATSSamplingMixin.is_static`) every later block does too.
+    A ``keep_all`` stage on an unpadded sequence leaves the mask None: later blocks run unmasked.
     """
     B, N, _ = x.shape
     traced = recording()
     positions = torch.arange(N - 1, device=x.device).expand(B, N - 1) if traced else None  # (B, N-1)
+    static = False
     for i, blk in enumerate(blocks):
         run = partial(torch.utils.checkpoint.checkpoint, blk, use_reentrant=False) if checkpoint else blk
         if isinstance(blk, ATSBlock):
-            x, kept_idx, token_mask = run(x, token_mask)  # (B, 1+K, C), (B, K), (B, 1+K)
+            static = static or blk.attn.is_static(x)
+            unpadded = token_mask is None and blk.attn.ats_keep_all
+            x, kept_idx, new_mask = run(x, token_mask, static)  # (B, 1+K, C), (B, K), (B, 1+K)
             if traced:
                 positions = positions.gather(1, kept_idx)  # (B, K) original candidate indices
-                emit(KeptTokens(i, positions, token_mask[:, 1:], grid=grid, candidates_xy=candidates_xy))
+                emit(KeptTokens(i, positions, new_mask[:, 1:], grid=grid, candidates_xy=candidates_xy))
+            token_mask = None if unpadded else new_mask
         elif isinstance(blk, MaskedBlock):
-            x = run(x, token_mask)
+            x = run(x, token_mask, static)
         else:
             if token_mask is not None:
                 raise TypeError(f"block {i} ({type(blk).__name__}) follows an ATS stage but is not mask-aware")

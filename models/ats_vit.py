@@ -16,9 +16,14 @@ Stages count timm's blocks from 0 (the paper's appendix F.3 uses "stages 0, 3, 6
 
 Variants: ``deit_{tiny,small,base}_ats`` (multi-stage; ``single_stage=True`` for stage 3 only) and
 ``deit_small_ats_k108`` / ``_k78`` / ``_k48`` (single stage 3). Every variant accepts ``ats_stages``,
-``ats_k``, ``ats_ratio``, ``ats_floor`` (the keywords of every ATS family) and timm's
-``VisionTransformer`` kwargs (img_size, num_classes, ...). K is also changeable after construction
-with :func:`set_ats_k`.
+``ats_k``, ``ats_ratio``, ``ats_floor``, ``ats_mode`` (the keywords of every ATS family) and timm's
+``VisionTransformer`` kwargs (img_size, num_classes, ...). K and the mode are also changeable after
+construction with :func:`set_ats_k` and :func:`set_ats_mode`.
+
+``ats_mode="static"`` (:mod:`models.ats`) keeps exactly 1 + K slots per stage, repeats and padding
+masked: no host sync, ``torch.compile(fullgraph=True)`` and ``torch.export`` with a dynamic batch work,
+with the same logits as the default ``"dynamic"`` mode. A forward on meta tensors runs static shapes
+in either mode.
 
 timm contract with padding: ``forward_features(x)`` returns ``(B, 1 + K'max, C)`` tokens whose padded
 rows are exactly zero, and ``forward_head(features)`` without a ``token_mask`` takes all-zero rows for
@@ -40,11 +45,18 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 from torch import Tensor
 
-from models.ats import DEFAULT_K_FLOOR, convert_blocks, forward_ats_blocks, masked_pool, set_ats_k
+from models.ats import (
+    DEFAULT_K_FLOOR,
+    convert_blocks,
+    forward_ats_blocks,
+    masked_pool,
+    set_ats_k,
+    set_ats_mode,
+)
 from models.attention import full_mask_if_none, nonzero_token_mask, zero_padding
 from models.registry import register_glimpse
 
-__all__ = ["ATSVisionTransformer", "apply_ats", "checkpoint_filter_fn", "set_ats_k", "MULTI_STAGES",
+__all__ = ["ATSVisionTransformer", "apply_ats", "checkpoint_filter_fn", "set_ats_k", "set_ats_mode", "MULTI_STAGES",
            "SINGLE_STAGE"]
 
 MULTI_STAGES: tuple[int, ...] = tuple(range(3, 12))  # paper: "stages 3 to 11" of DeiT (0-based blocks)
@@ -91,7 +103,8 @@ class ATSVisionTransformer(VisionTransformer):
         x = self.norm_pre(x)
         checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
         x, mask = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint, grid=grid)  # (B, 1+K, C), (B, 1+K)
-        return zero_padding(self.norm(x), mask), mask  # the final norm maps zero padding to its bias: re-zero
+        # the final norm maps zero padding to its bias: re-zero, the mask always applied (one multiply, no sync)
+        return zero_padding(self.norm(x), mask, static=True), mask
 
     def forward_features(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """timm contract: (B, C, H, W) -> (B, 1+K'max, C), padded rows exactly zero (see the module doc).
@@ -123,12 +136,13 @@ class ATSVisionTransformer(VisionTransformer):
 
 def apply_ats(model: VisionTransformer, stages: Sequence[int],
               k: int | Sequence[int | None] | None = None, ratio: float | Sequence[float | None] | None = None,
-              floor: int = DEFAULT_K_FLOOR) -> ATSVisionTransformer:
+              floor: int = DEFAULT_K_FLOOR, mode: str = "dynamic") -> ATSVisionTransformer:
     """Convert a timm ``VisionTransformer`` to ATS in place (and return it).
 
     ``stages``: 0-based block indices that sample tokens; every block after the first stage becomes
     mask-aware. ``k`` / ``ratio``: one value for all stages or one per stage (see
-    :func:`models.ats.resolve_k`); neither = the paper's K = input tokens. Refuses models ATS cannot
+    :func:`models.ats.resolve_k`); neither = the paper's K = input tokens. ``mode``: ``dynamic`` or
+    ``static`` shapes (:func:`models.ats.set_ats_mode`). Refuses models ATS cannot
     serve: no class token, register / distillation tokens, attention pooling, patch dropout,
     or blocks other than timm's ``Block``.
     """
@@ -143,7 +157,7 @@ def apply_ats(model: VisionTransformer, stages: Sequence[int],
         raise ValueError(f"global_pool={model.global_pool!r} is not supported with ATS (use one of {_POOLS})")
     if isinstance(model.patch_drop, PatchDropout):
         raise ValueError("patch dropout (patch_drop_rate > 0) cannot be combined with ATS: it reorders tokens")
-    convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor)
+    convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor, mode=mode)
     model.__class__ = ATSVisionTransformer  # same modules and parameters, mask-aware forward
     return model
 
@@ -184,9 +198,10 @@ def _create_deit_ats(variant: str, *, stages: Sequence[int] | None, k: int | Non
     if "ats_k" in kwargs or "ats_ratio" in kwargs:  # an explicit K or ratio replaces the variant's default
         k, ratio = kwargs.pop("ats_k", None), kwargs.pop("ats_ratio", None)
     floor = kwargs.pop("ats_floor", DEFAULT_K_FLOOR)
+    mode = kwargs.pop("ats_mode", "dynamic")
     model = build_model_with_cfg(VisionTransformer, variant, pretrained,
                                  pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    return apply_ats(model, stages, k=k, ratio=ratio, floor=floor)
+    return apply_ats(model, stages, k=k, ratio=ratio, floor=floor, mode=mode)
 
 
 _DEIT_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)

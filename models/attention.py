@@ -10,7 +10,10 @@ a sample's result independent of its batch, and both live here:
   re-zeroes them (LayerNorm maps a zero row to its bias, residual adds would carry it on).
 
 Masks are ``(B, N)`` bool tensors, ``True`` = live, over the rows of the tensor they accompany, or
-``None`` when nothing is padded. Image ATS (``models.ats``), PS-ViT + ATS (the same blocks) and the video
+``None`` when nothing is padded. ``static=True`` (ATS's static-shape mode, :mod:`models.ats`) makes every
+helper here free of host syncs: a given mask is always applied, never first checked for "all live" (that
+check reads a device value on the host, which stalls a GPU's launch queue and breaks ``torch.compile``'s
+full graphs); the result is the same, only the unmasked fast paths are skipped. Image ATS (``models.ats``), PS-ViT + ATS (the same blocks) and the video
 transformers' frame attention and video ATS (``models.video_vit_common``) all attend through here.
 """
 
@@ -27,25 +30,28 @@ __all__ = ["full_mask_if_none", "key_padding_mask", "masked_attention", "nonzero
 
 
 @register_notrace_function
-def key_padding_mask(token_mask: Tensor | None) -> Tensor | None:
-    """(B, N) live mask -> (B, 1, 1, N) SDPA boolean mask (True = attend), or None if nothing is padded."""
-    if token_mask is None or bool(token_mask.all()):
+def key_padding_mask(token_mask: Tensor | None, static: bool = False) -> Tensor | None:
+    """(B, N) live mask -> (B, 1, 1, N) SDPA boolean mask (True = attend), or None if nothing is padded
+    (``static``: None only when ``token_mask`` is None, no look at its values)."""
+    if token_mask is None:
+        return None
+    if not static and bool(token_mask.all()):
         return None  # lets SDPA take its unmasked fast path
     return token_mask[:, None, None, :]  # (B, 1, 1, N)
 
 
 @register_notrace_function  # an FX leaf: whether anything is padded is data-dependent
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, *, scale: float,
-                     fused: bool, dropout_p: float = 0.0) -> Tensor:
+                     fused: bool, dropout_p: float = 0.0, static: bool = False) -> Tensor:
     """``softmax(q k^T * scale) v`` for the given query rows, padded keys excluded (ATS eqs. 1-2; ATS eq. 6
     when the queries are the kept rows only).
 
     ``q`` (B, H, Lq, Dh), ``k`` / ``v`` (B, H, Lk, Dh), ``key_mask`` (B, Lk) bool or None -> (B, H, Lq, Dh).
     ``fused`` runs ``F.scaled_dot_product_attention``; otherwise the (Lq, Lk) matrix is formed by hand (the
     same maths: the pair is tested for parity). ``dropout_p`` drops attention weights (pass 0 in eval).
-    Every query row needs at least one live key (the class token always is).
+    Every query row needs at least one live key (the class token always is). ``static``: see the module doc.
     """
-    mask = key_padding_mask(key_mask)  # (B, 1, 1, Lk) or None
+    mask = key_padding_mask(key_mask, static)  # (B, 1, 1, Lk) or None
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               scale=scale)  # (B, H, Lq, Dh)
@@ -59,10 +65,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = 
 
 
 @register_notrace_function
-def zero_padding(x: Tensor, token_mask: Tensor | None) -> Tensor:
+def zero_padding(x: Tensor, token_mask: Tensor | None, static: bool = False) -> Tensor:
     """Zero the padded token rows of ``x`` (B, ..., N, C) given ``token_mask`` (B, N); a no-op (no copy)
-    when nothing is padded. The leading ``...`` (e.g. XViT's frames) share the sample's mask."""
-    if token_mask is None or bool(token_mask.all()):
+    when nothing is padded (``static``: when ``token_mask`` is None). The leading ``...`` (e.g. XViT's
+    frames) share the sample's mask."""
+    if token_mask is None or (not static and bool(token_mask.all())):
         return x
     shape = (x.shape[0],) + (1,) * (x.dim() - 3) + (token_mask.shape[1], 1)
     return x * token_mask.reshape(shape).to(x.dtype)  # (B, ..., N, C)

@@ -34,7 +34,8 @@ Departures from / decisions over the paper and the official release (github.com/
 
 ATS (Fayyaz et al., ECCV 2022, Table 1) plugs into the vision-transformer module's layers 1-9
 (``psvit_b_14_ats``, ``psvit_b_18_ats``); see :func:`apply_ats_to_psvit`. The variants take the ATS
-keywords of every family: ``ats_stages``, ``ats_k``, ``ats_ratio``, ``ats_floor``.
+keywords of every family: ``ats_stages``, ``ats_k``, ``ats_ratio``, ``ats_floor``, ``ats_mode`` (``"static"``:
+exactly 1 + K slots per layer, no host sync, the same logits; :mod:`models.ats`).
 
 Trace (:mod:`models.trace`): every iteration emits :class:`models.trace.SampledPoints` (its points
 ``p_t``, one per token, no RoIs) and every ATS layer :class:`models.trace.KeptTokens` over the ``n*n``
@@ -45,11 +46,12 @@ receptive-field offset (the centre of map pixel ``i`` sits at image pixel ``4i +
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function, trunc_normal_
+from timm.layers import calculate_drop_path_rates, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models.vision_transformer import Block
 
@@ -310,7 +312,7 @@ class PSViT(nn.Module):
         self.grad_checkpointing = False
 
         # Stochastic depth grows linearly over all N + N_v layers, sampling layers first (as in the release).
-        dpr = torch.linspace(0, drop_path_rate, num_iters + depth).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, num_iters + depth)  # on the CPU: may be built on meta
         self.stem = FeatureExtractor(in_chans, stem_widths, stem_mid_chs)
         self.psm = ProgressiveSampling(embed_dim, num_heads, num_points, num_iters, share_psm_weights, mlp_ratio,
                                        qkv_bias, proj_drop_rate, attn_drop_rate, dpr[:num_iters],
@@ -365,7 +367,9 @@ class PSViT(nn.Module):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dd = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}  # where the model lives (meta too)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -393,7 +397,8 @@ class PSViT(nn.Module):
         # (B, 1 + K'max, C) and pass a token mask on; ATS picks index the n*n tokens sampled at p_N.
         checkpoint = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
         x, mask = forward_ats_blocks(self.blocks, x, checkpoint=checkpoint, candidates_xy=points[-1])
-        return zero_padding(self.norm(x), mask), mask  # the norm maps zero padding to its bias: re-zero
+        # the norm maps zero padding to its bias: re-zero, the mask always applied (one multiply, no sync)
+        return zero_padding(self.norm(x), mask, static=True), mask
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features_masked(x)[0]
@@ -412,7 +417,8 @@ class PSViT(nn.Module):
 
 
 def apply_ats_to_psvit(model: PSViT, stages: Sequence[int] | None = None, k: int | Sequence[int | None] | None = None,
-                       ratio: float | Sequence[float | None] | None = None, floor: int = DEFAULT_K_FLOOR) -> PSViT:
+                       ratio: float | Sequence[float | None] | None = None, floor: int = DEFAULT_K_FLOOR,
+                       mode: str = "dynamic") -> PSViT:
     """Put ATS into PS-ViT's vision transformer module in place (ATS paper, section 4 and Table 1).
 
     ``stages`` are 0-based indices into ``model.blocks``; the default is the paper's "stages 1-9 of the
@@ -421,10 +427,11 @@ def apply_ats_to_psvit(model: PSViT, stages: Sequence[int] | None = None, k: int
     (ATS appendix, Table A.4). ``k`` / ``ratio`` (one for all layers or one per layer) bound the kept
     tokens; neither means the paper's training setting K = the stage's input tokens. Parameters and
     state-dict keys are unchanged, so a PS-ViT checkpoint loads into the ATS model strictly.
-    ``models.ats.set_ats_k`` changes K later without touching weights.
+    ``models.ats.set_ats_k`` changes K later without touching weights, ``models.ats.set_ats_mode`` the
+    ``mode`` (``dynamic`` or ``static`` shapes).
     """
     stages = list(range(1, len(model.blocks))) if stages is None else list(stages)
-    convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor)
+    convert_blocks(model.blocks, stages, k=k, ratio=ratio, floor=floor, mode=mode)
     return model
 
 
@@ -509,6 +516,7 @@ def _cfg(**kwargs) -> dict:
     # Evaluation as in section 4.1: resize to 256, centre crop 224 (crop_pct 0.875).
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "fixed_input_size": True,  # inputs must be img_size unless built with dynamic_img_size=True
             "first_conv": "stem.conv1", "classifier": "head", "paper_ids": "arXiv:2108.01684",
             "origin_url": "https://github.com/yuexy/PS-ViT",
             **kwargs}
@@ -520,8 +528,12 @@ default_cfgs = {name: _cfg() for name in (
     "psvit_b_14_ats", "psvit_b_18_ats")}
 
 
-def _create_psvit(variant: str, pretrained: bool = False, **kwargs) -> PSViT:
-    return build_model_with_cfg(PSViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+def _create_psvit(variant: str, pretrained: bool = False, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, **kwargs) -> PSViT:
+    # timm's factory passes device= / dtype=: build on that device (meta: no memory) and cast once.
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(PSViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return model if dtype is None else model.to(dtype=dtype)
 
 
 # Table 2: N = 4 sampling iterations; Ti: N_v = 8, C = 192, M = 3; B: N_v = 10, C = 384, M = 6.
@@ -584,9 +596,9 @@ def psvit_b_18_shared(pretrained: bool = False, **kwargs) -> PSViT:
 def _create_psvit_ats(variant: str, pretrained: bool = False, *, ats_stages: Sequence[int] | None = None,
                       ats_k: int | Sequence[int | None] | None = None,
                       ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR,
-                      **kwargs) -> PSViT:
+                      ats_mode: str = "dynamic", **kwargs) -> PSViT:
     model = _create_psvit(variant, pretrained, **kwargs)
-    return apply_ats_to_psvit(model, ats_stages, k=ats_k, ratio=ats_ratio, floor=ats_floor)
+    return apply_ats_to_psvit(model, ats_stages, k=ats_k, ratio=ats_ratio, floor=ats_floor, mode=ats_mode)
 
 
 @register_glimpse

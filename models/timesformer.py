@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from torch import Tensor
 
 from models.ats import DEFAULT_K_FLOOR, check_ats_stages
@@ -53,7 +53,7 @@ from models.video_vit_common import (
     create_video_vit,
     forward_video_blocks,
     frame_key_mask,
-    gather_positions,
+    gather_kept,
     initial_state,
     is_video_checkpoint,
     resize_pos_embed,
@@ -107,10 +107,12 @@ class DividedBlock(nn.Module):
         cls_f = cls.expand(b, t, d).reshape(b * t, 1, d)  # (B*T, 1, D): the class token in every frame
         return torch.cat([cls_f, frames], dim=1)  # (B*T, 1+S, D)
 
-    def _finish(self, cls: Tensor, patches: Tensor, res: Tensor, token_mask: Tensor | None) -> Tensor:
+    def _finish(self, cls: Tensor, patches: Tensor, res: Tensor, token_mask: Tensor | None,
+                static: bool = False) -> Tensor:
         """Spatial residual (class outputs averaged over frames), MLP, padding held at zero.
 
-        cls (B, 1, D), patches (B, S*T, D), res (B*T, 1+S, D) the spatial attention output.
+        cls (B, 1, D), patches (B, S*T, D), res (B*T, 1+S, D) the spatial attention output; ``static``:
+        see :class:`models.video_vit_common.TokenState`.
         """
         b, n, d = patches.shape
         t = self.num_frames
@@ -119,14 +121,14 @@ class DividedBlock(nn.Module):
         res_p = res[:, 1:].view(b, t, s, d).transpose(1, 2).reshape(b, s * t, d)  # (B, S*T, D)
         x = torch.cat([cls, patches], dim=1) + self.drop_path(torch.cat([res_cls, res_p], dim=1))  # (B, 1+S*T, D)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return zero_padding(x, token_mask)  # (B, 1+S*T, D), padded tokens exactly zero
+        return zero_padding(x, token_mask, static)  # (B, 1+S*T, D), padded tokens exactly zero
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         t = self.num_frames
         patches = self._temporal(x)  # (B, S*T, D)
         xs = self._frames(x[:, :1], patches)  # (B*T, 1+S, D)
-        res = self.attn(self.norm1(xs), frame_key_mask(state.mask, t))  # (B*T, 1+S, D)
-        return self._finish(x[:, :1], patches, res, _token_mask(state.mask, t)), state
+        res = self.attn(self.norm1(xs), frame_key_mask(state.mask, t), state.static)  # (B*T, 1+S, D)
+        return self._finish(x[:, :1], patches, res, _token_mask(state.mask, t), state.static), state
 
 
 class ATSDividedBlock(VideoATSMixin, DividedBlock):
@@ -146,12 +148,16 @@ class ATSDividedBlock(VideoATSMixin, DividedBlock):
         patches = self._temporal(x)  # (B, S*T, D)
         xs = self.norm1(self._frames(x[:, :1], patches))  # (B*T, 1+S, D)
         q, k, v = self.attn.qkv_heads(xs)  # (B*T, H, 1+S, Dh) each
-        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self)
+        static = self.static_state(x, state)
+        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self,
+                                             static=static)
         res = self.attn.merge_heads(out)  # (B*T, 1+K'max, D)
-        kmax = idx.shape[1]
-        kept = gather_positions(patches.view(b, s, t, d), idx, dim=1).reshape(b, kmax * t, d)  # (B, K'max*T, D)
-        positions = gather_positions(state.positions, idx, dim=1)  # (B, K'max) original grid indices
-        return self._finish(x[:, :1], kept, res, _token_mask(valid, t)), TokenState(valid, positions)
+        kmax = idx.shape[1]  # S when every position stays in place (keep_all, K = S): nothing gathered
+        kept = gather_kept(patches.view(b, s, t, d), idx, dim=1).reshape(b, kmax * t, d)  # (B, K'max*T, D)
+        positions = gather_kept(state.positions, idx, dim=1)  # (B, K'max) original grid indices
+        mask = state.mask if self.ats_keep_all else valid  # keep_all: the same (or no) padding
+        x = self._finish(x[:, :1], kept, res, _token_mask(mask, t), static)
+        return x, TokenState(mask, positions, static)
 
 
 def _token_mask(pos_mask: Tensor | None, num_frames: int) -> Tensor | None:
@@ -172,7 +178,8 @@ class TimeSformer(VideoViTMixin, nn.Module):
     largest kept count in the batch and padded tokens are zero), ``forward_head`` classifies the class token.
 
     ATS: ``ats_stages`` (block indices), ``ats_k`` (positions per clip: one int or one per stage) or
-    ``ats_ratio`` (K_n = max(floor(ratio * N_n), ats_floor)); default K = all positions (the paper's default).
+    ``ats_ratio`` (K_n = max(floor(ratio * N_n), ats_floor)); default K = all positions (the paper's default);
+    ``ats_mode`` ``"dynamic"`` or ``"static"`` shapes (:func:`models.ats.set_ats_mode`).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -180,7 +187,8 @@ class TimeSformer(VideoViTMixin, nn.Module):
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  ats_stages: Sequence[int] = (), ats_k: int | Sequence[int | None] | None = None,
-                 ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR) -> None:
+                 ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR,
+                 ats_mode: str = "dynamic") -> None:
         super().__init__()
         ats_stages = check_ats_stages(ats_stages, depth)
         self.init_geometry(img_size, patch_size, in_chans, num_frames, embed_dim, num_classes)  # patch_embed too
@@ -191,7 +199,7 @@ class TimeSformer(VideoViTMixin, nn.Module):
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)  # on the CPU: the model may be built on meta
         blocks = []
         for i in range(depth):
             kw = dict(dim=embed_dim, num_heads=num_heads, num_frames=num_frames, mlp_ratio=mlp_ratio,
@@ -199,7 +207,7 @@ class TimeSformer(VideoViTMixin, nn.Module):
                       norm_layer=norm_layer, stage=i)
             blocks.append(ATSDividedBlock(**kw) if i in ats_stages else DividedBlock(**kw))
         self.blocks = nn.ModuleList(blocks)
-        configure_ats(self, ats_k, ats_ratio, ats_floor)  # validates K / ratio, one value or one per stage
+        configure_ats(self, ats_k, ats_ratio, ats_floor, ats_mode)  # validates K / ratio, one value or one per stage
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -228,7 +236,8 @@ class TimeSformer(VideoViTMixin, nn.Module):
         x = self.pos_drop(torch.cat([cls, tok.reshape(b, s * t, d)], dim=1))  # (B, 1+S*T, D), (s, t) order
         x, state = forward_video_blocks(self.blocks, x, initial_state(b, s, x.device), num_frames=t,
                                         checkpointing=self.grad_checkpointing, grid=self.grid_size)
-        return zero_padding(self.norm(x), _token_mask(state.mask, t))  # (B, 1+S'*T, D), padding zero
+        # (B, 1+S'*T, D), padding re-zeroed after the norm; the mask always applied (one multiply, no sync)
+        return zero_padding(self.norm(x), _token_mask(state.mask, t), static=True)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(x[:, 0])  # (B, D) class token

@@ -35,7 +35,8 @@ ATS across time (the ATS paper does not say how to sample video tokens; this is 
     class token(s) are always kept. Clips of a batch keep different ``K'``; the batch is trimmed to the
     largest and the padded positions are masked: keys excluded from every later softmax, tokens held at
     zero (:func:`models.attention.zero_padding`), never pooled (both models pool class tokens only).
-    Inside :func:`models.trace.record` every ATS stage emits its kept positions (patch cells of the
+    With ``ats_mode="static"`` (:mod:`models.ats`) a stage keeps exactly K position slots per clip
+    instead, repeated picks masked like padding: no host sync, the same logits. Inside :func:`models.trace.record` every ATS stage emits its kept positions (patch cells of the
     frame grid, shared by all frames) as a :class:`models.trace.KeptTokens` with ``num_frames = T``.
 """
 
@@ -61,9 +62,11 @@ from models.ats import (
     ATSSamplingMixin,
     ats_significance,
     ats_stages,
+    check_ats_mode,
     class_attention,
     inverse_transform_sample,
     set_ats_k,
+    set_ats_mode,
     with_class_token,
 )
 from models.attention import masked_attention
@@ -73,7 +76,7 @@ from models.weight_init import init_linear_and_norm_
 
 __all__ = [
     "check_video_input", "check_video_geometry", "FrameAttention", "TokenState", "initial_state", "with_class_live",
-    "frame_key_mask", "gather_positions", "gather_rows", "sample_clip_positions", "ats_clip_attention",
+    "frame_key_mask", "gather_kept", "gather_positions", "sample_clip_positions", "ats_clip_attention",
     "configure_ats", "forward_video_blocks", "VideoATSMixin", "VideoViTMixin", "vit_pos_embed_to_grid", "resize_pos_embed",
     "is_video_checkpoint", "fill_from_model", "create_video_vit",
 ]
@@ -143,10 +146,11 @@ class FrameAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-        """q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), key_mask (B, Lk) or None -> (B, H, Lq, Dh)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, static: bool = False) -> Tensor:
+        """q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), key_mask (B, Lk) or None -> (B, H, Lq, Dh); ``static``:
+        the mask is applied without a host-side check (:mod:`models.attention`)."""
         return masked_attention(q, k, v, key_mask, scale=self.scale, fused=self.fused_attn,
-                                dropout_p=self.dropout_p)  # (B, H, Lq, Dh)
+                                dropout_p=self.dropout_p, static=static)  # (B, H, Lq, Dh)
 
     def merge_heads(self, o: Tensor) -> Tensor:
         """(B, H, N, Dh) -> output projection -> (B, N, D)."""
@@ -157,9 +161,9 @@ class FrameAttention(nn.Module):
     def dropout_p(self) -> float:
         return self.attn_drop if self.training else 0.0
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, static: bool = False) -> Tensor:
         q, k, v = self.qkv_heads(x)  # (B, H, N, Dh) each
-        return self.merge_heads(self.attend(q, k, v, key_mask))  # (B, N, D)
+        return self.merge_heads(self.attend(q, k, v, key_mask, static))  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------- token state
@@ -171,10 +175,13 @@ class TokenState(NamedTuple):
     mask: (B, S') bool, True = live position; None while no position was dropped (no padding anywhere).
     positions: (B, S') long, each current position's index in the ORIGINAL patch grid (row-major over
         ``(H / p, W / p)``); padded slots hold meaningless indices: read them with ``mask``.
+    static: True once an ATS stage ran static shapes: every later masked step applies ``mask`` without a
+        host-side check (:mod:`models.attention`).
     """
 
     mask: Tensor | None
     positions: Tensor
+    static: bool = False
 
 
 def initial_state(batch: int, num_positions: int, device: torch.device) -> TokenState:
@@ -205,23 +212,25 @@ def gather_positions(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     return torch.gather(x, dim, index)
 
 
+@register_notrace_function
+def gather_kept(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """:func:`gather_positions` for a stage's kept positions: ``x`` itself, no copy, when ``idx`` covers the
+    whole ``dim`` (the in-place layout of :func:`models.ats.inverse_transform_sample`: then it is 0..n-1)."""
+    if idx.shape[1] == x.shape[dim]:
+        return x
+    return gather_positions(x, idx, dim)
+
+
 # ------------------------------------------------------------------------------------------------ ATS
 
 
-@register_notrace_function
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B', H, N, Dh), idx (B', L) -> (B', H, L, Dh): the same rows in every head."""
-    bt, h, _, dh = x.shape
-    index = idx[:, None, :, None].expand(bt, h, idx.shape[1], dh)  # (B', H, L, Dh)
-    return torch.gather(x, 2, index)
-
-
 def sample_clip_positions(q_cls: Tensor, k: Tensor, v: Tensor, *, num_frames: int, pos_mask: Tensor | None,
-                          budget: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+                          budget: Tensor, scale: float, slots: int | None = None) -> tuple[Tensor, Tensor]:
     """Steps 1-3 of the module docstring: ATS eq. 3 per frame, mean over the clip's frames, ATS eqs. 4-5.
 
     q_cls (B*T, H, Dh) the frames' class-token queries; k, v (B*T, H, 1+S, Dh); pos_mask (B, S) or None;
-    budget (B,) K per clip. Returns idx (B, K'max) kept positions (ascending) and valid (B, K'max).
+    budget (B,) K per clip; slots: static mode's slot count (None: dynamic). Returns idx (B, K'max) kept
+    positions (ascending) and valid (B, K'max) (:func:`models.ats.inverse_transform_sample`).
     Runs without gradient: the selection is discrete (as in the paper and :mod:`models.ats`).
     """
     with torch.no_grad():
@@ -230,11 +239,12 @@ def sample_clip_positions(q_cls: Tensor, k: Tensor, v: Tensor, *, num_frames: in
         frame_scores = ats_significance(cls_attn, v, key_mask)  # (B*T, S) ATS eq. 3, each row sums to 1
         b, s = budget.shape[0], frame_scores.shape[1]
         clip_scores = frame_scores.view(b, num_frames, s).mean(dim=1)  # (B, S) every frame votes equally
-        return inverse_transform_sample(clip_scores, budget, pos_mask)  # (B, K'max) each
+        return inverse_transform_sample(clip_scores, budget, pos_mask, slots)  # (B, K'max) each
 
 
 def ats_clip_attention(q: Tensor, k: Tensor, v: Tensor, attn: FrameAttention, *, num_frames: int,
-                       pos_mask: Tensor | None, sampler: ATSSamplingMixin) -> tuple[Tensor, Tensor, Tensor]:
+                       pos_mask: Tensor | None, sampler: ATSSamplingMixin, static: bool = False
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     """ATS on frame-level attention with positions shared by the clip (module docstring, steps 1-4).
 
     Args:
@@ -251,6 +261,8 @@ def ats_clip_attention(q: Tensor, k: Tensor, v: Tensor, attn: FrameAttention, *,
             every frame, over all live keys (the N x N matrix is never formed);
         idx: (B, K'max) kept positions (indices into the current S, ascending);
         valid: (B, K'max) bool, False on padding (clips with K' < K'max).
+        With ``static`` (static mode, :mod:`models.ats`) K'max is the stage's K (repeats invalid); when it
+        reaches S the positions stay in place (``idx`` = 0..S-1) and no row is gathered.
     """
     bt, _, n, _ = q.shape
     b, s = bt // num_frames, n - 1
@@ -260,18 +272,22 @@ def ats_clip_attention(q: Tensor, k: Tensor, v: Tensor, attn: FrameAttention, *,
     else:
         n_live = (torch.full((b,), s, device=q.device) if pos_mask is None else pos_mask.sum(dim=1)) + 1  # (B,)
         idx, valid = sample_clip_positions(q[:, :, 0], k, v, num_frames=num_frames, pos_mask=pos_mask,
-                                           budget=sampler.k_per_sample(n_live), scale=attn.scale)
+                                           budget=sampler.k_per_sample(n_live, static), scale=attn.scale,
+                                           slots=sampler.static_slots(n) if static else None)
     rows = with_class_token(idx).repeat_interleave(num_frames, dim=0)  # (B*T, 1+K'max) same rows per frame
-    q_rows = gather_rows(q, rows)  # (B*T, H, 1+K'max, Dh) queries of the kept rows only
-    out = attn.attend(q_rows, k, v, frame_key_mask(pos_mask, num_frames))  # (B*T, H, 1+K'max, Dh)
+    q_rows = gather_kept(q, rows, dim=2)  # (B*T, H, 1+K'max, Dh) queries of the kept rows only
+    out = attn.attend(q_rows, k, v, frame_key_mask(pos_mask, num_frames), static)  # (B*T, H, 1+K'max, Dh)
     return out, idx, valid
 
 
 def configure_ats(model: nn.Module, k: int | Sequence[int | None] | None, ratio: float | Sequence[float | None] | None,
-                  floor: int) -> None:
-    """Apply the constructor's ``ats_k`` / ``ats_ratio`` / ``ats_floor`` to every ATS block (validated)."""
+                  floor: int, mode: str = "dynamic") -> None:
+    """Apply the constructor's ``ats_k`` / ``ats_ratio`` / ``ats_floor`` / ``ats_mode`` to every ATS block
+    (validated)."""
+    check_ats_mode(mode)
     if ats_stages(model):
         set_ats_k(model, k, ratio, floor=floor)
+        set_ats_mode(model, mode)
     elif k is not None or ratio is not None:
         raise ValueError(f"ats_k={k!r} / ats_ratio={ratio!r} given but the model has no ATS stage (ats_stages=())")
 
@@ -288,24 +304,32 @@ def forward_video_blocks(blocks: Iterable[nn.Module], x: Tensor, state: TokenSta
         else:
             x, state = blk(x, state)
         if traced and isinstance(blk, ATSSamplingMixin):
-            emit(KeptTokens(blk.stage, state.positions, state.mask, grid=grid, num_frames=num_frames))
+            valid = torch.ones_like(state.positions, dtype=torch.bool) if state.mask is None else state.mask
+            emit(KeptTokens(blk.stage, state.positions, valid, grid=grid, num_frames=num_frames))
     return x, state
 
 
 class VideoATSMixin(ATSSamplingMixin):
     """Mixed in before a video block class: the block's arguments plus ``ats_k`` / ``ats_ratio`` /
-    ``ats_floor`` (K per clip, an inference-time knob: :func:`models.ats.set_ats_k`)."""
+    ``ats_floor`` (K per clip, an inference-time knob: :func:`models.ats.set_ats_k`) and ``ats_mode``
+    (:func:`models.ats.set_ats_mode`)."""
 
     def __init__(self, *args: Any, ats_k: int | None = None, ats_ratio: float | None = None,
-                 ats_floor: int = DEFAULT_K_FLOOR, **kwargs: Any) -> None:
+                 ats_floor: int = DEFAULT_K_FLOOR, ats_mode: str = "dynamic", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_k(ats_k, ats_ratio, floor=ats_floor)
+        self.set_mode(ats_mode)
+
+    def static_state(self, x: Tensor, state: TokenState) -> bool:
+        """Whether this forward runs static shapes: an earlier stage did, or this one does."""
+        return state.static or self.is_static(x)
 
 
 class VideoViTMixin:
     """timm plumbing shared by TimeSformer and XViT (same embeddings' names, same block list, one head)."""
 
     grad_checkpointing: bool
+    cls_token: nn.Parameter
     head: nn.Module
     num_classes: int
     num_features: int
@@ -334,7 +358,9 @@ class VideoViTMixin:
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        dd = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}  # where the model lives (meta too)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

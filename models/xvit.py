@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from torch import Tensor
 
 from models.ats import DEFAULT_K_FLOOR, check_ats_stages, with_class_token
@@ -56,7 +56,7 @@ from models.video_vit_common import (
     fill_from_model,
     forward_video_blocks,
     frame_key_mask,
-    gather_positions,
+    gather_kept,
     initial_state,
     is_video_checkpoint,
     resize_pos_embed,
@@ -103,9 +103,9 @@ class MixingAttention(FrameAttention):
         q, k, v = self.qkv_heads(x)  # (B*T, H, N, Dh) each
         return q, mix_time(k, self.num_frames, self.fold), mix_time(v, self.num_frames, self.fold)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, static: bool = False) -> Tensor:
         q, k, v = self.mixed_qkv(x)  # (B*T, H, N, Dh) each
-        return self.merge_heads(self.attend(q, k, v, key_mask))  # (B*T, N, D)
+        return self.merge_heads(self.attend(q, k, v, key_mask, static))  # (B*T, N, D)
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -129,16 +129,17 @@ class XViTBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
-    def _mlp(self, x: Tensor, pos_mask: Tensor | None) -> Tensor:
+    def _mlp(self, x: Tensor, pos_mask: Tensor | None, static: bool = False) -> Tensor:
         """Residual MLP on (B, T, 1+S, D); padded positions held at zero."""
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return zero_padding(x, with_class_live(pos_mask))  # (B, T, 1+S, D), the same positions in every frame
+        return zero_padding(x, with_class_live(pos_mask), static)  # (B, T, 1+S, D), same positions in every frame
 
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         b, t, n, d = x.shape
-        res = self.attn(self.norm1(x.reshape(b * t, n, d)), frame_key_mask(state.mask, t))  # (B*T, 1+S, D)
+        res = self.attn(self.norm1(x.reshape(b * t, n, d)), frame_key_mask(state.mask, t),
+                        state.static)  # (B*T, 1+S, D)
         x = x + self.drop_path(res.view(b, t, n, d))  # (B, T, 1+S, D)
-        return self._mlp(x, state.mask), state
+        return self._mlp(x, state.mask, state.static), state
 
 
 class ATSXViTBlock(VideoATSMixin, XViTBlock):
@@ -150,12 +151,16 @@ class ATSXViTBlock(VideoATSMixin, XViTBlock):
     def forward(self, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         b, t, n, d = x.shape
         q, k, v = self.attn.mixed_qkv(self.norm1(x.reshape(b * t, n, d)))  # (B*T, H, 1+S, Dh) each
-        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self)
+        static = self.static_state(x, state)
+        out, idx, valid = ats_clip_attention(q, k, v, self.attn, num_frames=t, pos_mask=state.mask, sampler=self,
+                                             static=static)
         res = self.attn.merge_heads(out)  # (B*T, 1+K'max, D)
-        rows = with_class_token(idx)  # (B, 1+K'max) class + kept rows, same in every frame
-        x = gather_positions(x, rows, dim=2) + self.drop_path(res.view(b, t, -1, d))  # (B, T, 1+K'max, D)
-        positions = gather_positions(state.positions, idx, dim=1)  # (B, K'max) original grid indices
-        return self._mlp(x, valid), TokenState(valid, positions)
+        # (in place, nothing gathered, when every position is kept: keep_all, K = S)
+        x = gather_kept(x, with_class_token(idx), dim=2)  # (B, T, 1+K'max, D) class + kept rows
+        positions = gather_kept(state.positions, idx, dim=1)  # (B, K'max) original grid indices
+        x = x + self.drop_path(res.view(b, t, -1, d))  # (B, T, 1+K'max, D)
+        mask = state.mask if self.ats_keep_all else valid  # keep_all: the same (or no) padding
+        return self._mlp(x, mask, static), TokenState(mask, positions, static)
 
 
 class _TABlock(nn.Module):
@@ -198,7 +203,8 @@ class XViT(VideoViTMixin, nn.Module):
     largest kept count in the batch, padded tokens zero); ``forward_head`` aggregates the T frame class
     tokens with TA and classifies (``pre_logits`` = the MLP head's hidden layer, ``num_features`` wide).
 
-    ATS: ``ats_stages`` (block indices), ``ats_k`` (positions per clip) or ``ats_ratio``, as TimeSformer.
+    ATS: ``ats_stages`` (block indices), ``ats_k`` (positions per clip) or ``ats_ratio``, and ``ats_mode``,
+    as TimeSformer.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -207,7 +213,8 @@ class XViT(VideoViTMixin, nn.Module):
                  temporal_depth: int = 1, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, ats_stages: Sequence[int] = (),
                  ats_k: int | Sequence[int | None] | None = None,
-                 ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR) -> None:
+                 ats_ratio: float | Sequence[float | None] | None = None, ats_floor: int = DEFAULT_K_FLOOR,
+                 ats_mode: str = "dynamic") -> None:
         super().__init__()
         ats_stages = check_ats_stages(ats_stages, depth)
         self.init_geometry(img_size, patch_size, in_chans, num_frames, embed_dim, num_classes)  # patch_embed too
@@ -216,7 +223,7 @@ class XViT(VideoViTMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)  # on the CPU: the model may be built on meta
         blocks = []
         for i in range(depth):
             kw = dict(dim=embed_dim, num_heads=num_heads, num_frames=num_frames, shift_div=shift_div,
@@ -224,7 +231,7 @@ class XViT(VideoViTMixin, nn.Module):
                       drop_path=dpr[i], norm_layer=norm_layer, stage=i)
             blocks.append(ATSXViTBlock(**kw) if i in ats_stages else XViTBlock(**kw))
         self.blocks = nn.ModuleList(blocks)
-        configure_ats(self, ats_k, ats_ratio, ats_floor)
+        configure_ats(self, ats_k, ats_ratio, ats_floor, ats_mode)
         self.norm = norm_layer(embed_dim)
 
         # Head (release's VitHead): dropout on frame features, TA, LayerNorm -> Linear -> GELU -> dropout -> Linear.
@@ -256,7 +263,7 @@ class XViT(VideoViTMixin, nn.Module):
         x = self.pos_drop(tok.view(b, t, n, d) + self.time_embed)  # (B, T, 1+S, D) + time pos (p_t)
         x, state = forward_video_blocks(self.blocks, x, initial_state(b, n - 1, x.device), num_frames=t,
                                         checkpointing=self.grad_checkpointing, grid=self.grid_size)
-        x = zero_padding(self.norm(x), with_class_live(state.mask))  # (B, T, 1+S', D), padding zero
+        x = zero_padding(self.norm(x), with_class_live(state.mask), static=True)  # (B, T, 1+S', D), padding zero
         return x.reshape(b, -1, d)  # (B, T*(1+S'), D)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

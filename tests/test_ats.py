@@ -285,5 +285,6 @@ def test_fx_leaves_are_registered():
     from timm.layers import is_notrace_function
 
     for fn in (ats.select_tokens, ats.pack_tokens, ats.unpack_tokens, ats.live_token_index, ats.key_padding_mask,
-               ats.inverse_transform_sample, ats.resolve_k_per_sample, ats.zero_padding, ats.with_class_token):
+               ats.inverse_transform_sample, ats.resolve_k_per_sample, ats.zero_padding, ats.with_class_token,
+               ats.kept_rows):
         assert is_notrace_function(fn), fn.__name__
