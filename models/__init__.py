@@ -13,6 +13,7 @@ What a forward kept and where it sampled is read through :mod:`models.trace`
 from models import (  # noqa: F401
     ats_vit,
     baseline,
+    cvt,
     evit,
     psvit,
     sparseformer,

@@ -44,15 +44,19 @@ FAMILIES: dict[str, dict] = {
     "xvit_": dict(img_size=48, num_frames=2, embed_dim=32, num_heads=2, depth=5),  # ATS blocks 3-4
     "frame_tcn_": dict(num_frames=4, img_size=32),
     "conv3d_": dict(num_frames=4, img_size=32),
+    "cvt_": dict(img_size=64, embed_dims=(16, 32, 32), depths=(1, 1, 3), num_heads=(1, 2, 2)),  # 4x4 grid; ATS 1-2
 }
 CLASSES = 5
 # Evaluation views per family (the papers' K clips x S crops; images and the baselines: one view).
 TEST_VIEWS = {"video_sparseformer_": (4, 3), "timesformer_": (1, 3), "xvit_": (1, 3), "frame_tcn_": (1, 1),
-              "conv3d_": (1, 1), "deit_": (1, 1), "psvit_": (1, 1), "sparseformer_": (1, 1)}
+              "conv3d_": (1, 1), "deit_": (1, 1), "psvit_": (1, 1), "sparseformer_": (1, 1), "cvt_": (1, 1)}
 # Parameters that legitimately get no gradient: none. ATS's selection is discrete (its scores run under
 # no_grad), but every parameter still reaches the loss through the kept rows (ATS eq. 6) and the dropped
 # tokens' keys and values.
-NO_GRADIENT: dict[str, set[str]] = {}
+NO_GRADIENT: dict[str, set[str]] = {  # CvT: the class token skips the conv projection (CvT section 3.2),
+    # so the last block's query conv only shapes patch tokens that the class-token head never reads (as in the release)
+    f"cvt_{d}_{s}": {f"stages.2.blocks.2.attn.conv_q.{p}" for p in ("conv.weight", "bn.weight", "bn.bias")}
+    for d in (13, 21) for s in (224, 384)}
 ATOL = 1e-4  # float32; a batch of 1 and of 4 run different kernels (and ATS pads the shorter samples)
 
 NAMES = models.list_models()

@@ -89,7 +89,9 @@ def test_records_are_frozen_detached_and_checked():
 def expected(name: str, model) -> dict:
     """What one forward of the reduced ``name`` must emit (counts and kinds of records)."""
     kw = FAMILIES[family(name)]
-    ats = [i for i, b in enumerate(getattr(model, "blocks", []))  # ATS blocks (image) or samplers (video)
+    # ATS blocks (image) or samplers (video); CvT's are the blocks of its last stage (stage 3)
+    blocks = model.stages[-1].blocks if family(name) == "cvt_" else getattr(model, "blocks", [])
+    ats = [i for i, b in enumerate(blocks)
            if isinstance(b, ATSSamplingMixin) or isinstance(getattr(b, "attn", None), ATSSamplingMixin)]
     if family(name) == "psvit_":
         return {"points": kw["num_iters"], "kept": ats, "axes": 2, "rois": False}
