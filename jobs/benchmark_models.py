@@ -1,4 +1,5 @@
-"""Model cost: parameters and GFLOPs of any registered model, and CPU throughput of DeiT-S vs DeiT-S + ATS.
+"""Model cost: parameters and GFLOPs of any registered model, CPU throughput of DeiT-S vs DeiT-S + ATS, and
+the token-reducer harness (ATS, ToMe, EViT at matched GFLOPs: ``pipeline/reducer_bench.py``).
 
 ``flops``: fvcore counts (models/flops.py; 1 multiply-add = 1 FLOP, attention and fused SDPA
 included) per view at the model's default input (``pretrained_cfg["input_size"]``), ATS at its upper
@@ -12,6 +13,8 @@ DeiT-S file (ATS keeps fewer tokens, K' < K, on trained weights and real images)
     python jobs/benchmark_models.py flops --json deit_small_ats_k48 timesformer_base
     python jobs/benchmark_models.py flops --model-kwargs img_size=384 deit_small_ats
     python jobs/benchmark_models.py flops --average 16 deit_small_ats   # + mean GFLOPs of 16 random images
+    python jobs/benchmark_models.py harness --preset smoke              # ATS / ToMe / EViT at matched GFLOPs
+    python jobs/benchmark_models.py harness --preset demo               # 3.0 / 2.5 / 2.0 GFLOPs, + compiled at 2.5
     python jobs/benchmark_models.py throughput --preset smoke           # < 2 min
     python jobs/benchmark_models.py throughput                          # demo preset: batch 32
     python jobs/benchmark_models.py throughput --preset full --json
@@ -221,8 +224,24 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--checkpoint", default="", help="local timm DeiT-S checkpoint for every DeiT-S variant")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_throughput)
+    h = sub.add_parser("harness", help="ATS, ToMe and EViT on DeiT-S at matched GFLOPs, eager and compiled")
+    h.add_argument("--preset", choices=("smoke", "demo", "full"), default="demo",
+                   help="smoke: one target, eager (< 2 min); demo: 3.0/2.5/2.0, compiled at 2.5; full: all compiled")
+    h.add_argument("--checkpoint", default="", help="local timm DeiT-S checkpoint shared by every reducer")
+    h.add_argument("--json", action="store_true", help="print the result as JSON")
+    h.set_defaults(func=cmd_harness)
     args = parser.parse_args(argv)
     args.func(args)
+
+
+def cmd_harness(args: argparse.Namespace) -> None:
+    import logging
+
+    from pipeline.reducer_bench import format_table, run_harness
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run_harness(args.preset, args.checkpoint)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 
 if __name__ == "__main__":
