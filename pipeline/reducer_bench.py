@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from models.ats import ats_stages, set_ats_k
+from models.ats import ats_stages, set_ats_k, set_ats_mode
 from models.flops import average_flops, count_flops, measure_throughput
 from models.reducers import REDUCERS, match_gflops
 
@@ -90,8 +90,8 @@ def _build_zoo(preset: HarnessPreset, state: dict[str, torch.Tensor]) -> tuple[d
 
 
 def _compiled(model: nn.Module) -> nn.Module:
-    if ats_stages(model) and hasattr(model, "set_ats_mode"):
-        model.set_ats_mode("static")
+    if ats_stages(model):
+        set_ats_mode(model, "static")  # dynamic K' trims shapes by data: static shapes compile whole
     return torch.compile(model)
 
 
