@@ -36,6 +36,9 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_fil
 from torch import Tensor
 
 from models.ats import class_attention
+from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
+from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
+from models.ats_vit import _DEIT_TINY as DEIT_TINY
 from models.attention import masked_attention
 from models.registry import register_glimpse
 
@@ -228,19 +231,19 @@ def _create_evit(variant: str, arch: dict, pretrained: bool, **kwargs) -> EViTVi
 @register_glimpse
 def deit_tiny_evit(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-Ti with EViT (keep rate 0.7 at blocks 3, 6, 9 unless ``evit_keep_rate``/``evit_locations``)."""
-    return _create_evit("deit_tiny_evit", dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), pretrained,
+    return _create_evit("deit_tiny_evit", DEIT_TINY, pretrained,
                         **kwargs)
 
 
 @register_glimpse
 def deit_small_evit(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-S with EViT (keep rate 0.7 at blocks 3, 6, 9 unless ``evit_keep_rate``/``evit_locations``)."""
-    return _create_evit("deit_small_evit", dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), pretrained,
+    return _create_evit("deit_small_evit", DEIT_SMALL, pretrained,
                         **kwargs)
 
 
 @register_glimpse
 def deit_base_evit(pretrained: bool = False, **kwargs) -> EViTVisionTransformer:
     """DeiT-B with EViT (keep rate 0.7 at blocks 3, 6, 9 unless ``evit_keep_rate``/``evit_locations``)."""
-    return _create_evit("deit_base_evit", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), pretrained,
+    return _create_evit("deit_base_evit", DEIT_BASE, pretrained,
                         **kwargs)

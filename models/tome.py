@@ -44,6 +44,9 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 from torch import Tensor
 
+from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
+from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
+from models.ats_vit import _DEIT_TINY as DEIT_TINY
 from models.registry import register_glimpse
 
 __all__ = ["TokenMatch", "ToMeVisionTransformer", "apply_tome", "bipartite_soft_matching", "merge_tokens",
@@ -263,19 +266,19 @@ def _create_tome(variant: str, arch: dict, pretrained: bool, **kwargs) -> ToMeVi
 @register_glimpse
 def deit_tiny_tome(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-Ti with ToMe (r = 13 per block unless ``tome_r`` is given)."""
-    return _create_tome("deit_tiny_tome", dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), pretrained,
+    return _create_tome("deit_tiny_tome", DEIT_TINY, pretrained,
                         **kwargs)
 
 
 @register_glimpse
 def deit_small_tome(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-S with ToMe (r = 13 per block unless ``tome_r`` is given)."""
-    return _create_tome("deit_small_tome", dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), pretrained,
+    return _create_tome("deit_small_tome", DEIT_SMALL, pretrained,
                         **kwargs)
 
 
 @register_glimpse
 def deit_base_tome(pretrained: bool = False, **kwargs) -> ToMeVisionTransformer:
     """DeiT-B with ToMe (r = 13 per block unless ``tome_r`` is given)."""
-    return _create_tome("deit_base_tome", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), pretrained,
+    return _create_tome("deit_base_tome", DEIT_BASE, pretrained,
                         **kwargs)
