@@ -27,10 +27,22 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_dir / "auth_token")
 
 
+_ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this test process handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket is
+    closed; CI once got one port for both Ray's GCS and its dashboard, and `ray start` failed.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, token: str | None = None) -> None:

@@ -1,20 +1,13 @@
 """The buffered MLflow tracker: records survive an unreachable server and arrive once it answers."""
 
-import socket
-
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import RUN_NAME_TAG, Tracker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def test_unreachable_server_keeps_records_and_says_so(caplog):
-    t = Tracker(f"http://127.0.0.1:{_free_port()}", "exp", "run-a")
+    t = Tracker(f"http://127.0.0.1:{free_port()}", "exp", "run-a")
     t.log_params({"a": 1})
     t.log_metrics({"loss": 1.0}, step=1)
     assert t.flush() is False
