@@ -20,14 +20,12 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from datasets.decoders.base import VideoDecodeError
+
 __all__ = ["VideoInfo", "VideoDecodeError", "encode_video", "probe_video", "reencode_short_side"]
 
 # Pixel formats with 2x2 chroma subsampling need even frame sizes.
 _EVEN_SIZE_PIX_FMTS = {"yuv420p", "yuvj420p", "nv12", "yuv420p10le"}
-
-
-class VideoDecodeError(ValueError):
-    """Bytes that FFmpeg cannot open as a video (garbage, truncated file, no video stream)."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +72,15 @@ def _x264_params() -> str | None:
     return "asm=" + ",".join(names)
 
 
-def _x264_options(crf: int) -> dict[str, str]:
+def _x264_options(crf: int, keyframe_interval: int | None = None) -> dict[str, str]:
     # threads=1: x264's bitstream depends on its thread count, and we want identical bytes for
     # identical frames on any machine with the same library versions (synthetic data determinism).
     opts = {"crf": str(int(crf)), "threads": "1"}
-    params = _x264_params()
+    params = [p for p in [_x264_params()] if p]
+    if keyframe_interval is not None:  # a key frame exactly every N frames (no scene-cut key frames)
+        params.append(f"keyint={int(keyframe_interval)}:min-keyint={int(keyframe_interval)}:scenecut=0")
     if params:
-        opts["x264-params"] = params
+        opts["x264-params"] = ":".join(params)
     return opts
 
 
@@ -99,6 +99,7 @@ def encode_video(
     crf: int = 23,
     pix_fmt: str = "yuv420p",
     pad_odd: bool = False,
+    keyframe_interval: int | None = None,
 ) -> bytes:
     """Encode RGB frames to an mp4 file in memory.
 
@@ -111,6 +112,8 @@ def encode_video(
             ``H`` and ``W``.
         pad_odd: with an even-size pixel format and an odd ``H`` or ``W``, pad the last row/column by
             edge replication instead of raising.
+        keyframe_interval: x264 only: a key frame every this many frames (default: x264's, at most every
+            250 frames and at scene cuts). Small intervals make decoders seek (the decoder tests use 10).
 
     Returns:
         The mp4 file as bytes. Output is deterministic for identical inputs, library versions and
@@ -136,7 +139,7 @@ def encode_video(
         stream = container.add_stream(codec, rate=_rate(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         if codec == "libx264":
-            stream.options = _x264_options(crf)
+            stream.options = _x264_options(crf, keyframe_interval)
         else:
             stream.thread_count = 1
         for frame in frames:

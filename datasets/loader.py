@@ -13,6 +13,11 @@ Batches (dicts, STYLE.md #10):
   ``num_views = K * S``; each video is decoded once for all its views;
 - images: ``{"image": float (B, 3, H, W), "label": long (B,), "key": list[str]}``.
 
+``"video"`` / ``"image"`` are normalised ``float32`` (``(x / 255 - mean) / std``) with the spec's
+``output="float"`` (the default), or the raw ``uint8`` pixels (same shape) with ``output="uint8"``: the
+consumer then calls :func:`datasets.transforms.normalize_batch` ``(x, spec.mean, spec.std)`` where the
+batch lands (on the GPU), which gives exactly the ``float`` batch and moves a quarter of the bytes.
+
 Training: every rank gets exactly ``steps_per_epoch = samples_per_epoch // (world_size * batch_size)``
 full batches per epoch, whatever the number of shards (see :mod:`datasets.streams` for the shard
 order). A ``DataLoader`` with ``W`` workers hands out batches round-robin (worker 0, 1, ..., W - 1,
@@ -26,10 +31,11 @@ the same batches in the same order for the same ``(seed, epoch, rank, world_size
 The shuffle buffer holds raw (encoded) samples: mind its memory with large videos.
 
 Each training batch is built in three passes (read and parse, decode all clips, transform all
-clips), which keeps the decoder's and PyTorch's working sets apart in the CPU caches; clips stay
-``uint8`` until :class:`NormalizedStack` converts and normalises them into the batch, in shared
-memory when running in a DataLoader worker. ``jobs/benchmark_data.py`` measures the pipeline
-against decord alone.
+clips), which keeps the decoder's and PyTorch's working sets apart in the CPU caches; the batch's
+clips are decoded in one exchange with the decode watchdog's process (:mod:`datasets.decoders.watchdog`,
+``VideoSpec.decode_timeout_s``); clips stay ``uint8`` until :class:`NormalizedStack` converts and
+normalises them into the batch (``output="float"``), in shared memory when running in a DataLoader
+worker. ``jobs/benchmark_data.py`` measures the pipeline against each decoder backend alone.
 
 A bad sample (see :data:`datasets.stats.REASONS`) is skipped, counted in ``stats`` and logged with
 its shard and key. In training its slot is filled by the next raw samples of the same worker's
@@ -44,17 +50,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from datasets.batching import NormalizedStack, batch_buffer, collate_items
 from datasets.clip_sampling import RandomClipSampler, UniformClipSampler
+from datasets.decoders.memory import keep_freed_buffers
 from datasets.manifest import ShardSource, resolve_source
 from datasets.samples import ImageSampleDecoder, ParsedSample, VideoSampleDecoder, parse_sample
 from datasets.specs import ImageSpec, VideoSpec
@@ -93,61 +100,6 @@ class _Candidate:
         self.bad = False
 
 
-def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch; inside a DataLoader worker it lives in shared memory.
-
-    The worker then hands the batch to the main process without another copy. This is what
-    PyTorch's ``default_collate`` does (with the same storage call); a ``batch_size=None`` loader
-    does not collate, so the dataset does it here.
-    """
-    if get_worker_info() is None:
-        return torch.empty(tuple(shape), dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
-    return proto.new(storage).resize_(tuple(shape))
-
-
-class NormalizedStack:
-    """Stack ``uint8 (C, T, H, W)`` clips into a normalised ``float32 (B, C, T, H, W)`` batch in one pass.
-
-    Each clip is converted, normalised and made contiguous by a single ``addcmul`` written straight
-    into its slot of the (shared-memory) batch: no intermediate uint8 batch, no second float pass.
-    Equal to ``normalize(torch.stack(clips), mean, std)``.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __call__(self, clips: Sequence[torch.Tensor]) -> torch.Tensor:
-        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1, 1)
-        scale, shift = 1.0 / (255.0 * std), -mean / std  # (C, 1, 1, 1): x * scale + shift
-        out = batch_buffer((len(clips), *clips[0].shape), torch.float32)  # (B, C, T, H, W)
-        for i, clip in enumerate(clips):
-            torch.addcmul(shift, clip, scale, out=out[i])  # uint8 (any strides) -> normalised float32
-        return out
-
-
-def collate_items(
-    items: Sequence[dict[str, Any]], stackers: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None
-) -> dict[str, Any]:
-    """Stack per-sample dicts into a batch: tensors stacked (or by ``stackers[key]``), ints -> long
-    tensor, strings -> lists."""
-    batch: dict[str, Any] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if stackers and key in stackers:
-            batch[key] = stackers[key](values)
-        elif isinstance(values[0], torch.Tensor):
-            out = batch_buffer((len(values), *values[0].shape), values[0].dtype)
-            batch[key] = torch.stack(values, out=out)
-        elif isinstance(values[0], (int, np.integer)):
-            batch[key] = torch.tensor(values, dtype=torch.long)
-        else:
-            batch[key] = list(values)
-    return batch
-
-
 def _sample_key(seed: int, epoch: int, rank: int) -> np.ndarray:
     """Philox key of one (seed, epoch, rank): hashed once by a SeedSequence."""
     return np.random.SeedSequence([TAG_SAMPLE, seed, epoch, rank]).generate_state(2, np.uint64)
@@ -167,7 +119,8 @@ class ShardDataset(IterableDataset):
     """Batches from tar shards for one rank; built by :func:`build_video_dataset` / :func:`build_image_dataset`.
 
     Attributes: ``train``, ``batch_size``, ``steps_per_epoch`` (training), ``num_samples`` (manifest
-    total or ``None``), ``classes`` (manifest class names or ``None``), ``stats`` (:class:`DataStats`).
+    total or ``None``), ``classes`` (manifest class names or ``None``), ``stats`` (:class:`DataStats`),
+    ``sample_decoder`` (the :class:`~datasets.samples.VideoSampleDecoder` or ``ImageSampleDecoder`` in use).
     ``len(dataset)`` is ``steps_per_epoch`` for training.
     """
 
@@ -192,6 +145,8 @@ class ShardDataset(IterableDataset):
         decode_eval: Callable[[ParsedSample], list[dict[str, Any]]],
         extra: dict[str, Any] | None = None,
         stackers: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None,
+        sample_decoder: Any = None,
+        load_train_many: Callable[[list[tuple[ParsedSample, np.random.Generator]]], list[Any]] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -217,10 +172,12 @@ class ShardDataset(IterableDataset):
         self.num_samples = source.num_samples
         self._num_classes = len(self.classes) if self.classes else None
         self._load_train = load_train
+        self._load_train_many = load_train_many
         self._finish_train = finish_train
         self._decode_eval = decode_eval
         self._extra = extra or {}
         self._stackers = stackers or {}
+        self.sample_decoder = sample_decoder
         if train:
             if samples_per_epoch is None:
                 samples_per_epoch = self.num_samples
@@ -264,8 +221,9 @@ class ShardDataset(IterableDataset):
 
     def _bad(self, raw: dict[str, Any], e: BadSample) -> None:
         self.stats.add(e.reason)
+        # One line per bad sample, naming its shard and key (decoder messages are one line already).
         logger.warning("skipping sample %r in shard %s: %s (%s)",
-                       raw.get("__key__"), raw.get("__url__"), e.reason, e)
+                       raw.get("__key__"), raw.get("__url__"), e.reason, " ".join(str(e).split()))
 
     def _parse(self, raw: dict[str, Any]) -> ParsedSample:
         return parse_sample(raw, self.kind, self._num_classes)
@@ -279,6 +237,8 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         w, num_workers = self._worker()
+        if get_worker_info() is not None:
+            keep_freed_buffers()  # a worker process is ours: reuse freed clip buffers (no page faults)
         return self._train_batches(w, num_workers) if self.train else self._eval_batches(w, num_workers)
 
     def _train_batches(self, w: int, num_workers: int) -> Iterator[dict[str, Any]]:
@@ -310,15 +270,12 @@ class ShardDataset(IterableDataset):
             for cand in nominal:
                 self._prepare(cand)
             rngs = [_sample_rng(key, b * bs + slot, 0) for slot in range(bs)]
+            first = self._load_many(nominal, rngs)  # the batch's clips in one exchange with the decoder
             loaded, peek = [], 0
             for slot, cand in enumerate(nominal):
                 ordinal = b * bs + slot
-                attempt, rng = 0, rngs[slot]
-                while True:
-                    payload = self._load(cand, rng)
-                    if payload is not None:
-                        bad_in_a_row = 0
-                        break
+                attempt, rng, payload = 0, rngs[slot], first[slot]
+                while payload is None:
                     bad_in_a_row += 1
                     if bad_in_a_row >= MAX_CONSECUTIVE_BAD:
                         raise RuntimeError(f"{bad_in_a_row} bad samples in a row in {self.source_name!r} "
@@ -331,6 +288,8 @@ class ShardDataset(IterableDataset):
                     self._prepare(cand)
                     attempt += 1
                     rng = _sample_rng(key, ordinal, attempt)
+                    payload = self._load(cand, rng)
+                bad_in_a_row = 0
                 loaded.append((payload, rng))
             yield self._collate([self._finish_train(payload, rng) for payload, rng in loaded])
             b += num_workers
@@ -354,6 +313,21 @@ class ShardDataset(IterableDataset):
             cand.bad = True
             self._bad(cand.raw, e)
             return None
+
+    def _load_many(self, cands: list[_Candidate], rngs: list[np.random.Generator]) -> list[Any]:
+        """:meth:`_load` of each candidate (``None`` for a bad one), through ``load_train_many`` if given."""
+        if self._load_train_many is None:
+            return [self._load(cand, rng) for cand, rng in zip(cands, rngs)]
+        todo = [i for i, cand in enumerate(cands) if not cand.bad]
+        payloads: list[Any] = [None] * len(cands)
+        outs = self._load_train_many([(cands[i].parsed, rngs[i]) for i in todo]) if todo else []
+        for i, out in zip(todo, outs):
+            if isinstance(out, BadSample):
+                cands[i].bad = True
+                self._bad(cands[i].raw, out)
+            else:
+                payloads[i] = out
+        return payloads
 
     def _eval_batches(self, w: int, num_workers: int) -> Iterator[dict[str, Any]]:
         stream = self.rank * num_workers + w
@@ -416,7 +390,7 @@ def build_video_dataset(
         # Clips stay uint8 until batched: one normalisation per batch is cheaper than one per clip.
         train_transform=video_transform(True, spec, normalize=False),
         eval_transform=video_transform(False, spec, normalize=False),
-        backend=spec.backend,
+        decoder=spec.decoder, decode_timeout_s=spec.decode_timeout_s,
     )
     resolved, name = _resolve(source)
     return ShardDataset(
@@ -425,7 +399,8 @@ def build_video_dataset(
         shuffle_buffer=shuffle_buffer, start_batch=start_batch, stats=stats,
         load_train=decoder.load_train, finish_train=decoder.finish_train, decode_eval=decoder.views,
         extra=None if train else {"num_views": spec.num_views},
-        stackers={"video": NormalizedStack(spec.mean, spec.std)},
+        stackers={"video": NormalizedStack(spec.mean, spec.std)} if spec.output == "float" else None,
+        sample_decoder=decoder, load_train_many=decoder.load_train_many,
     )
 
 
@@ -452,6 +427,7 @@ def build_image_dataset(
         world_size=world_size, seed=seed, epoch=epoch, samples_per_epoch=samples_per_epoch,
         shuffle_buffer=shuffle_buffer, start_batch=start_batch, stats=stats,
         load_train=decoder.load_train, finish_train=decoder.finish_train, decode_eval=decoder.views,
+        sample_decoder=decoder,
     )
 
 

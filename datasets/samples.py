@@ -3,7 +3,7 @@ model inputs, or reject them with a :class:`~datasets.stats.BadSample` naming th
 
 Only the entries listed here are read, and each by its own safe decoder: ``cls`` as an ASCII
 integer, ``json`` with :func:`json.loads`, images with Pillow (restricted to JPEG/PNG/WebP/BMP),
-videos with :mod:`datasets.video`. Any other entry (``.pyd``, ``.pth``, ``.pickle``, ``.txt``...) makes
+videos with :mod:`datasets.decoders` (in a watchdog process, see :mod:`datasets.decoders.watchdog`). Any other entry (``.pyd``, ``.pth``, ``.pickle``, ``.txt``...) makes
 the sample an ``unknown_extension`` bad sample: nothing in a shard is ever unpickled.
 
 Sample dicts produced here (STYLE.md #10):
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from datasets.clip_sampling import ClipInfo, RandomClipSampler, UniformClipSampler, union_indices
+from datasets.decoders.base import DecoderCrash, DecodeTimeout, VideoDecodeError
+from datasets.decoders.watchdog import DecodeResult, make_reader
 from datasets.stats import BadSample
-from datasets.video import VideoDecodeError, open_video
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -114,6 +116,78 @@ def _parse_label(value: Any, num_classes: int | None) -> int:
 # ----------------------------------------------------------------------------- video
 
 
+def _pack_rng(rng: np.random.Generator) -> Any:
+    """A compact, picklable copy of a generator's state (Philox: plain ints, ~20 us to ship and rebuild)."""
+    state = rng.bit_generator.state
+    if state["bit_generator"] != "Philox":
+        return rng
+    inner = state["state"]
+    return (inner["key"].tolist(), inner["counter"].tolist(), state["buffer"].tolist(), state["buffer_pos"],
+            state["has_uint32"], state["uinteger"])
+
+
+def _unpack_rng(packed: Any) -> np.random.Generator:
+    if isinstance(packed, np.random.Generator):
+        return packed
+    key, counter, buffer, pos, has_uint32, uinteger = packed
+    bits = np.random.Philox(key=key)
+    bits.state = {"bit_generator": "Philox",
+                  "state": {"counter": np.array(counter, np.uint64), "key": np.array(key, np.uint64)},
+                  "buffer": np.array(buffer, np.uint64), "buffer_pos": pos, "has_uint32": has_uint32,
+                  "uinteger": uinteger}
+    return np.random.Generator(bits)
+
+
+class _TrainPlan:
+    """``plan(num_frames) -> indices`` of a training clip (see :mod:`datasets.decoders.watchdog`).
+
+    Called in this process (no watchdog), it draws from the sample's own generator and keeps the
+    clip. Pickled into a decode process, it carries a copy of the generator's state; the caller then
+    draws the same clip again from its own generator, which advances it exactly as in-process.
+    """
+
+    def __init__(self, sampler: RandomClipSampler, rng: np.random.Generator) -> None:
+        self.sampler, self.rng = sampler, rng
+        self.clip: ClipInfo | None = None
+
+    def __call__(self, num_frames: int) -> np.ndarray:
+        self.clip = self.sampler(num_frames, self.rng)
+        return self.clip.indices
+
+    def __reduce__(self):
+        return _train_plan_from_state, (self.sampler, _pack_rng(self.rng))
+
+
+def _train_plan_from_state(sampler: RandomClipSampler, packed: Any) -> _TrainPlan:
+    return _TrainPlan(sampler, _unpack_rng(packed))
+
+
+class _EvalPlan:
+    """``plan(num_frames) -> indices``: the union of the ``K`` evaluation clips' frames (sorted)."""
+
+    def __init__(self, sampler: UniformClipSampler) -> None:
+        self.sampler = sampler
+        self.clips: list[ClipInfo] | None = None
+        self.positions: list[np.ndarray] | None = None
+
+    def __call__(self, num_frames: int) -> np.ndarray:
+        self.clips = self.sampler(num_frames)
+        union, self.positions = union_indices(self.clips)
+        return union
+
+    def __reduce__(self):
+        return _EvalPlan, (self.sampler,)
+
+
+# Why a sample's video could not be used -> the bad-sample reason it is counted under.
+def _bad_video(e: Exception) -> BadSample:
+    if isinstance(e, DecodeTimeout):
+        return BadSample("decode_timeout", str(e))
+    if isinstance(e, DecoderCrash):
+        return BadSample("decoder_crash", str(e))
+    return BadSample("decode_error", str(e))
+
+
 class VideoSampleDecoder:
     """Decode and transform a parsed video sample.
 
@@ -125,6 +199,12 @@ class VideoSampleDecoder:
     ``K`` clips' frame indices are merged and sorted (decoders want sorted indices), and since
     every evaluation transform acts frame by frame, it runs once on the merged frames; each clip
     then gathers its frames.
+
+    Decoding: backend ``decoder`` (:mod:`datasets.decoders`; ``auto`` is resolved here, once), in a
+    :class:`~datasets.decoders.watchdog.DecodeWatchdog` child process with ``decode_timeout_s``
+    (``0``: in this process). The reader is created lazily in the process that decodes (each
+    DataLoader worker makes its own) and is never pickled. A video that cannot be decoded raises
+    :class:`BadSample` with reason ``decode_error``, ``decode_timeout`` or ``decoder_crash``.
     """
 
     def __init__(
@@ -134,23 +214,68 @@ class VideoSampleDecoder:
         eval_sampler: UniformClipSampler,
         train_transform: Callable[..., torch.Tensor],
         eval_transform: Callable[..., torch.Tensor],
-        backend: str = "auto",
+        decoder: str = "auto",
+        decode_timeout_s: float = 0.0,
     ) -> None:
+        from datasets.decoders import resolve_decoder
+
         self.train_sampler = train_sampler
         self.eval_sampler = eval_sampler
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.backend = backend
+        self.decoder = resolve_decoder(decoder)  # the auto notice, if any, once here (not per worker)
+        self.decode_timeout_s = float(decode_timeout_s)
+        self._reader = None
+        self._reader_pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"], state["_reader_pid"] = None, -1  # each process makes its own reader
+        return state
+
+    @property
+    def reader(self):
+        """This process's reader (created on first use; a forked copy makes a new one)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = make_reader(self.decoder, self.decode_timeout_s)
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def _decode(self, sample: ParsedSample, plan: Callable[[int], np.ndarray]) -> DecodeResult:
+        try:
+            return self.reader.decode(sample.data, plan)
+        except (VideoDecodeError, IndexError) as e:
+            raise _bad_video(e) from None
 
     def load_train(self, sample: ParsedSample, rng: np.random.Generator) -> tuple[ParsedSample, np.ndarray, ClipInfo]:
         """Decode one random clip: ``(sample, uint8 (T, H, W, 3) frames, clip)``; :class:`BadSample` if undecodable."""
-        try:
-            with open_video(sample.data, backend=self.backend) as video:
-                clip = self.train_sampler(video.num_frames, rng)
-                frames = video.get(clip.indices)  # (T, H, W, 3) uint8
-        except (VideoDecodeError, IndexError) as e:
-            raise BadSample("decode_error", str(e)) from None
-        return sample, frames, clip
+        plan = _TrainPlan(self.train_sampler, rng)
+        return self._train_loaded(sample, rng, plan, self._decode(sample, plan))
+
+    def load_train_many(self, items: list[tuple[ParsedSample, np.random.Generator]]) -> list[Any]:
+        """:meth:`load_train` of several samples in one exchange with the decode process (a batch's clips,
+        decoded back to back); each entry is the loaded clip or the :class:`BadSample` to count."""
+        plans = [_TrainPlan(self.train_sampler, rng) for _, rng in items]
+        results = self.reader.decode_many([(sample.data, plan) for (sample, _), plan in zip(items, plans)])
+        out: list[Any] = []
+        for (sample, rng), plan, result in zip(items, plans, results):
+            if isinstance(result, (VideoDecodeError, IndexError)):
+                out.append(_bad_video(result))
+            elif isinstance(result, BaseException):
+                raise result  # not the data's fault (e.g. a bug in the decode process): stop
+            else:
+                out.append(self._train_loaded(sample, rng, plan, result))
+        return out
+
+    def _train_loaded(self, sample: ParsedSample, rng: np.random.Generator, plan: _TrainPlan,
+                      result: DecodeResult) -> tuple[ParsedSample, np.ndarray, ClipInfo]:
+        clip = plan.clip
+        if clip is None:  # decoded in a watchdog process: draw the same clip from our own generator
+            clip = self.train_sampler(result.num_frames, rng)
+            if not np.array_equal(clip.indices, result.indices):
+                raise RuntimeError(f"the decode process chose frames {result.indices.tolist()}, this process "
+                                   f"{clip.indices.tolist()}: the clip sampler is not deterministic")
+        return sample, result.frames, clip
 
     def finish_train(self, loaded: tuple[ParsedSample, np.ndarray, ClipInfo], rng: np.random.Generator) -> dict[str, Any]:
         """Transform a :meth:`load_train` result with the same ``rng`` (after the clip sampler's draw)."""
@@ -164,14 +289,13 @@ class VideoSampleDecoder:
         return self.finish_train(self.load_train(sample, rng), rng)
 
     def views(self, sample: ParsedSample) -> list[dict[str, Any]]:
-        try:
-            with open_video(sample.data, backend=self.backend) as video:
-                clips = self.eval_sampler(video.num_frames)
-                union, positions = union_indices(clips)
-                frames = video.get(union)  # (U, H, W, 3) uint8, U = frames used by any clip
-        except (VideoDecodeError, IndexError) as e:
-            raise BadSample("decode_error", str(e)) from None
-        crops = self.eval_transform(frames)  # (S, C, U, crop, crop)
+        plan = _EvalPlan(self.eval_sampler)
+        result = self._decode(sample, plan)  # frames: (U, H, W, 3) uint8, U = frames used by any clip
+        if plan.clips is None:  # decoded in a watchdog process: the same clips, computed here
+            if not np.array_equal(plan(result.num_frames), result.indices):
+                raise RuntimeError("the decode process chose other evaluation frames than this process")
+        clips, positions = plan.clips, plan.positions
+        crops = self.eval_transform(result.frames)  # (S, C, U, crop, crop)
         items = []
         for clip, pos in zip(clips, positions):
             clip_views = crops[:, :, torch.from_numpy(pos)]  # (S, C, T, crop, crop)

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["ImageSpec", "VideoSpec"]
+__all__ = ["DEFAULT_DECODE_TIMEOUT_S", "OUTPUTS", "ImageSpec", "VideoSpec"]
 
 Triple = tuple[float, float, float]
+OUTPUTS = ("float", "uint8")
+# Why 30 s: a clip decodes in 1 ms (32x32) to a few hundred ms (Kinetics 320p, 32 frames) on one core;
+# 30 s is 100x the slowest of those, so a slow decode on an oversubscribed node is never abandoned,
+# while a hung one costs its worker at most 30 s once.
+DEFAULT_DECODE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,15 @@ class VideoSpec:
 
     ``hflip`` must be 0 for data whose label depends on left/right motion or on the direction of
     rotation (a flip turns "moves left" into "moves right" and clockwise into counter-clockwise).
-    ``backend`` picks the decoder (``auto``: decord with PyAV fallback; ``pyav``; ``decord``).
+    ``decoder`` picks the video decoder backend (:mod:`datasets.decoders`): ``auto`` (torchcodec where
+    FFmpeg's shared libraries load, else PyAV with one logged notice), ``torchcodec``, ``pyav`` or
+    ``decord`` (the optional ``glimpse[decord]`` extra). ``decode_timeout_s``: the decode watchdog's
+    limit per clip (:mod:`datasets.decoders.watchdog`; a clip not decoded by then is skipped and counted
+    as ``decode_timeout``); ``0`` decodes in the loader worker itself, without a watchdog.
+
+    ``output``: ``"float"`` batches are normalised ``float32`` (``(x / 255 - mean) / std``); ``"uint8"``
+    batches hold the raw ``0..255`` pixels (a quarter of the bytes to move), to be normalised on the
+    device with :func:`datasets.transforms.normalize_batch` ``(x, mean, std)``.
     """
 
     num_frames: int = 8
@@ -39,9 +52,13 @@ class VideoSpec:
     mean: Triple = IMAGENET_DEFAULT_MEAN
     std: Triple = IMAGENET_DEFAULT_STD
     hflip: float = 0.5
-    backend: str = "auto"
+    decoder: str = "auto"
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    output: str = "float"
 
     def __post_init__(self) -> None:
+        from datasets.decoders.registry import decoder_names  # names only: no decoder is imported
+
         # Lists from YAML / the command line become tuples (the spec is frozen and hashable).
         for name in ("train_short_side", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -55,7 +72,10 @@ class VideoSpec:
             (self.num_clips >= 1 and self.num_crops >= 1, "num_clips and num_crops must be >= 1"),
             (0.0 <= self.hflip <= 1.0, "hflip is a probability in [0, 1]"),
             (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "mean/std need 3 values, std > 0"),
-            (self.backend in ("auto", "decord", "pyav"), "backend must be 'auto', 'decord' or 'pyav'"),
+            (self.decoder in decoder_names(),
+             f"decoder must be one of {'|'.join(decoder_names())}, got {self.decoder!r}"),
+            (self.decode_timeout_s >= 0, f"decode_timeout_s must be >= 0 (0: no watchdog), got {self.decode_timeout_s}"),
+            (self.output in OUTPUTS, f"output must be one of {'|'.join(OUTPUTS)}, got {self.output!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -73,7 +93,8 @@ class ImageSpec:
 
     Training: random resized crop to ``size``, horizontal flip with probability ``hflip``,
     ``auto_augment`` (RandAugment policy string, ``None`` to disable); evaluation: resize to
-    ``size / crop_pct`` and centre crop ``size``. Both normalise with ``mean``/``std``.
+    ``size / crop_pct`` and centre crop ``size``. Both normalise with ``mean``/``std`` when ``output`` is
+    ``"float"``; ``"uint8"`` keeps the pixels for :func:`datasets.transforms.normalize_batch` on the device.
     """
 
     size: int = 224
@@ -83,9 +104,12 @@ class ImageSpec:
     std: Triple = IMAGENET_DEFAULT_STD
     interpolation: str = "bicubic"
     hflip: float = 0.5
+    output: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.size < 1 or not 0.0 < self.crop_pct <= 1.0 or not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"invalid ImageSpec: size >= 1, 0 < crop_pct <= 1, 0 <= hflip <= 1 (got {self})")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"invalid ImageSpec: output must be one of {'|'.join(OUTPUTS)}, got {self.output!r}")

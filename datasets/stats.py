@@ -1,7 +1,7 @@
 """Bad-sample counters shared between a training process and its DataLoader workers.
 
-A loader skips samples it cannot use (undecodable video or image, missing or invalid label,
-unknown file extension, unreadable shard) with a warning naming the shard and key, and counts
+A loader skips samples it cannot use (undecodable video or image, a decode that hung or crashed,
+missing or invalid label, unknown file extension, unreadable shard) with a warning naming the shard and key, and counts
 them here by reason. The counters live in shared memory (``multiprocessing.Array``), so
 increments made inside forked or spawned ``DataLoader`` workers are visible to the caller.
 """
@@ -14,7 +14,9 @@ __all__ = ["REASONS", "BadSample", "DataStats"]
 
 # Why a sample (or a whole shard) was skipped.
 REASONS: tuple[str, ...] = (
-    "decode_error",  # video bytes neither decord nor PyAV can decode
+    "decode_error",  # video bytes the decoder cannot open or decode (corrupt, truncated, not a video)
+    "decode_timeout",  # a decode abandoned by the watchdog after VideoSpec.decode_timeout_s (a hang)
+    "decoder_crash",  # the decode process died (SIGSEGV in native code, an abort...) on this sample
     "bad_image",  # image bytes Pillow cannot decode
     "missing_label",  # no ``cls`` entry
     "bad_label",  # ``cls`` is not a non-negative integer, or is >= the number of classes

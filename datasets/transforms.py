@@ -48,6 +48,7 @@ __all__ = [
     "horizontal_flip",
     "image_transform",
     "normalize",
+    "normalize_batch",
     "random_crop",
     "random_short_side_scale",
     "short_side_scale",
@@ -343,15 +344,8 @@ def video_transform(train: bool, cfg: VideoSpec, *, normalize: bool = True) -> V
     tail = [Normalize(cfg.mean, cfg.std, max_value=255.0)] if normalize else []
     if train:
         lo, hi = cfg.train_short_side
-        return VideoCompose(
-            [
-                FramesToCTHW(),
-                RandomShortSideScale(lo, hi),
-                RandomCrop(cfg.crop_size),
-                RandomHorizontalFlip(cfg.hflip),
-                *tail,
-            ]
-        )
+        return VideoCompose([FramesToCTHW(), RandomShortSideScale(lo, hi), RandomCrop(cfg.crop_size),
+                             RandomHorizontalFlip(cfg.hflip), *tail])
     return VideoCompose(
         [FramesToCTHW(), ShortSideScale(cfg.eval_short_side), UniformCropViews(cfg.crop_size, cfg.num_crops), *tail]
     )
@@ -369,13 +363,30 @@ def image_transform(train: bool, cfg: ImageSpec):
     from timm.data import create_transform  # local: timm's data module is only needed for images
 
     return create_transform(
-        input_size=cfg.size,
-        is_training=train,
-        hflip=cfg.hflip,
-        auto_augment=cfg.auto_augment if train else None,
-        interpolation=cfg.interpolation,
-        mean=cfg.mean,
-        std=cfg.std,
-        crop_pct=cfg.crop_pct,
-        re_prob=0.0,
+        input_size=cfg.size, is_training=train, hflip=cfg.hflip, auto_augment=cfg.auto_augment if train else None,
+        interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct, re_prob=0.0,
+        normalize=cfg.output == "float",  # "uint8": MaybePILToTensor only, normalize_batch on the device
     )
+
+
+# ----------------------------------------------------------------------------- batches on the device
+
+
+def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalise a ``uint8`` batch where it is, e.g. on the GPU: ``float32 (x / 255 - mean) / std``.
+
+    For batches of a loader with ``output="uint8"`` (:class:`~datasets.specs.VideoSpec`,
+    :class:`~datasets.specs.ImageSpec`): video ``uint8 (B, C, T, H, W)`` or images ``uint8 (B, C, H, W)``,
+    channels in dimension 1. The arithmetic is the ``output="float"`` loader's (one ``addcmul`` with
+    ``scale = 1 / (255 std)`` and ``shift = -mean / std`` in float32), so on the same device the result is
+    bit-equal to what that loader returns. A floating-point input is refused: it is normalised already.
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_batch expects a uint8 batch (output='uint8'), got {x.dtype}")
+    if x.ndim < 3 or x.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"normalize_batch expects (B, C, ...) with C={len(mean)}, got {tuple(x.shape)}")
+    view = (-1,) + (1,) * (x.ndim - 2)  # (C, 1, ...): broadcasts over every dimension after C
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(view)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(view)
+    scale, shift = 1.0 / (255.0 * s), -m / s
+    return torch.addcmul(shift, x, scale)  # (B, C, ...) float32

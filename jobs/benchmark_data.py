@@ -1,14 +1,19 @@
-"""Video data pipeline throughput: clips/s of shards -> normalised clips vs decord alone on the same clips.
+"""Video data throughput and memory: the pipeline against raw decode, backend against backend, RSS over many decodes.
 
-Both in one run, single-threaded (per core), alternating rounds; prints the ratio with the
-absolute figures (aim: pipeline >= 0.85 x raw decord). Data: the synthetic video shards
-(``datasets.synthetic``, built on first use) or ``--data`` pointing at any video shard folder.
+Three sections, each printed as a table with what it measured (``datasets/benchmark.py`` explains how):
 
-    python jobs/benchmark_data.py                        # demo preset (64x64 synthetic clips)
-    python jobs/benchmark_data.py --preset smoke         # seconds
+1. pipeline / raw decode of the same clips, per decoder backend, per core (CPU-seconds, the decode
+   process included) and wall clock, on synthetic shards (aim: >= 0.9);
+2. backend against backend at Kinetics-like geometry: H.264 568x320 10 s clips made here (cached),
+   16 and 32 frames at stride 4, short side 256-320 -> 224 crops: raw and pipeline clips/s;
+3. RSS over N decodes per backend, of a good clip and of a truncated mp4 (flat = within 5 %).
+
+    python jobs/benchmark_data.py --preset smoke         # < 2 min
+    python jobs/benchmark_data.py                        # demo preset: a few minutes, 10,000 decodes per backend
     python jobs/benchmark_data.py --preset demo --json   # machine-readable result only
+    python jobs/benchmark_data.py --memory --decodes 10000        # section 3 only
+    python jobs/benchmark_data.py --decoders torchcodec,pyav --no-watchdog
     python jobs/benchmark_data.py --data /shards/k400/val --preset kinetics --clips 200
-    python jobs/benchmark_data.py --data /shards/my_videos --preset kinetics --num-frames 16 --stride 4
     ray job submit --working-dir . -- python jobs/benchmark_data.py --preset demo
 """
 
@@ -20,89 +25,209 @@ import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from datasets.benchmark import benchmark_video_pipeline  # noqa: E402
 from datasets.specs import VideoSpec  # noqa: E402
 
-# Geometry as in pipeline/presets.py for the synthetic data; "kinetics" is TimeSformer-style 8x32 at 224.
+# Section 1 geometry as the training presets use it (pipeline/presets.py): the demo trains on 32x32 clips
+# at crop 32, short side 32-36. "kinetics" is TimeSformer-style 8x32 at 224 on user data.
 PRESETS = {
-    "smoke": {"synthetic": "smoke", "clips": 240, "rounds": 3, "batch_size": 8,
-              "spec": VideoSpec(num_frames=8, stride=2, crop_size=32, train_short_side=(32, 40),
-                                eval_short_side=32)},
+    "smoke": {"synthetic": "smoke", "clips": 96, "rounds": 2, "batch_size": 8,
+              "spec": VideoSpec(num_frames=8, stride=2, crop_size=32, train_short_side=(32, 40), eval_short_side=32),
+              "kinetics_like": {"count": 3, "num_frames": 128, "clips": 3, "batch_size": 3},
+              "memory_decodes": 300},
     "demo": {"synthetic": "demo", "clips": 400, "rounds": 3, "batch_size": 8,
-             "spec": VideoSpec(num_frames=8, stride=2, crop_size=56, train_short_side=(56, 72),
-                               eval_short_side=56)},
+             "spec": VideoSpec(num_frames=8, stride=2, crop_size=32, train_short_side=(32, 36), eval_short_side=32),
+             "kinetics_like": {"count": 8, "num_frames": 250, "clips": 16, "batch_size": 4},
+             "memory_decodes": 10_000},
     "full": {"synthetic": "full", "clips": 600, "rounds": 3, "batch_size": 8,
              "spec": VideoSpec(num_frames=8, stride=4, crop_size=112, train_short_side=(112, 140),
-                               eval_short_side=112)},
+                               eval_short_side=112),
+             "kinetics_like": {"count": 16, "num_frames": 250, "clips": 32, "batch_size": 4},
+             "memory_decodes": 10_000},
     "kinetics": {"synthetic": None, "clips": 200, "rounds": 3, "batch_size": 8,
                  "spec": VideoSpec(num_frames=8, stride=32, crop_size=224, train_short_side=(256, 320),
-                                   eval_short_side=224)},
+                                   eval_short_side=224),
+                 "kinetics_like": None, "memory_decodes": 0},
 }
+KINETICS_GEOMETRIES = ((16, 4), (32, 4))
 DEFAULT_ROOT = Path("~/.cache/glimpse/synthetic").expanduser()
+BENCH_ROOT = Path("~/.cache/glimpse/benchmark").expanduser()
 
 
 def synthetic_train_folder(root: Path, preset: str) -> Path:
-    """``root/<preset>/video/train``, built on first use.
-
-    One folder per preset: ``ensure_synthetic`` keeps one preset per root, and training jobs may use
-    ``root`` itself for theirs.
-    """
+    """``root/<preset>/video/train``, built on first use (one folder per preset: ``ensure_synthetic`` keeps
+    one preset per root, and training jobs may use ``root`` itself for theirs)."""
     from datasets.synthetic import ensure_synthetic
 
     return ensure_synthetic(root / preset, "video", preset) / "train"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--preset", default="demo", choices=list(PRESETS))
     parser.add_argument("--data", type=Path, default=None,
                         help="video shard folder (with a manifest.json), or a root for the synthetic data "
                              f"(default: {DEFAULT_ROOT}/<preset>/video/train, built on first use)")
-    parser.add_argument("--clips", type=int, default=0, help="clips per round (default per preset)")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds (default per preset)")
+    parser.add_argument("--decoders", default="", help="comma-separated backends (default: every one that "
+                        "loads here, of torchcodec,pyav,decord)")
+    parser.add_argument("--clips", type=int, default=0, help="section 1: clips per round (default per preset)")
+    parser.add_argument("--rounds", type=int, default=0, help="section 1: alternating rounds (default per preset)")
     parser.add_argument("--batch-size", type=int, default=0)
-    g = parser.add_argument_group("clip geometry (default: the preset's)")
+    parser.add_argument("--no-watchdog", action="store_true", help="decode in the loader itself (decode_timeout_s=0)")
+    parser.add_argument("--output", choices=["float", "uint8", "both"], default="both",
+                        help="batch dtype: float (normalised in the loader), uint8 (normalised on the device by "
+                             "datasets.transforms.normalize_batch), or both, one after the other (default)")
+    parser.add_argument("--memory", action="store_true", help="section 3 only")
+    parser.add_argument("--decodes", type=int, default=0, help="section 3: decodes per backend and kind")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: pipeline,backends,memory")
+    g = parser.add_argument_group("section 1 clip geometry (default: the preset's)")
     g.add_argument("--num-frames", type=int)
     g.add_argument("--stride", type=int)
     g.add_argument("--crop-size", type=int, help="(default short-side range: crop to 1.25 x crop)")
     g.add_argument("--short-side", type=int, nargs=2, metavar=("MIN", "MAX"), help="training short-side range")
-    g.add_argument("--backend", choices=["auto", "decord", "pyav"])
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
+    args = parser.parse_args(argv)
+    if args.memory:
+        args.skip = "pipeline,backends"
+    unknown = set(filter(None, args.skip.split(","))) - {"pipeline", "backends", "memory"}
+    if unknown:
+        parser.error(f"--skip: unknown section(s) {sorted(unknown)}; choose from pipeline,backends,memory")
     p = PRESETS[args.preset]
-    if p["synthetic"] is None:
-        if args.data is None:
-            parser.error(f"--preset {args.preset} needs --data <video shard folder>")
-        source = args.data
-    elif args.data is not None and (args.data / "manifest.json").is_file():
-        source = args.data
-    else:
-        source = synthetic_train_folder(args.data or DEFAULT_ROOT, p["synthetic"])
+    if p["synthetic"] is None and args.data is None and "pipeline" not in args.skip:
+        parser.error(f"--preset {args.preset} needs --data <video shard folder>")
+    return args
 
+
+def _decoders(args) -> list[str]:
+    from datasets.decoders import available_decoders, resolve_decoder
+
+    names = [n.strip() for n in args.decoders.split(",") if n.strip()] or available_decoders()
+    for n in names:
+        resolve_decoder(n)  # refuses a backend that cannot decode here, with its reason
+    return names
+
+
+def _outputs(args) -> list[str]:
+    return ["float", "uint8"] if args.output == "both" else [args.output]
+
+
+def _spec(args, p, output: str) -> VideoSpec:
     short = tuple(args.short_side) if args.short_side else None
     if args.crop_size and not short:  # scale jitter as in the synthetic presets: short side in [crop, 1.25 crop]
         short = (args.crop_size, args.crop_size * 5 // 4)
     overrides = {"num_frames": args.num_frames, "stride": args.stride, "crop_size": args.crop_size,
-                 "train_short_side": short, "eval_short_side": args.crop_size, "backend": args.backend}
-    spec = replace(p["spec"], **{k: v for k, v in overrides.items() if v is not None})
-    result = benchmark_video_pipeline(
-        str(source), spec, clips=args.clips or p["clips"], rounds=args.rounds or p["rounds"],
-        batch_size=args.batch_size or p["batch_size"],
-    ).to_json()
-    result.update(preset=args.preset, source=str(source))
+                 "train_short_side": short, "eval_short_side": args.crop_size, "output": output,
+                 "decode_timeout_s": 0.0 if args.no_watchdog else None}
+    return replace(p["spec"], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _print_measured(measured: list[dict]) -> None:
+    m = measured[0]
+    h, w = m["video_size"]
+    print(f"  data: {m['videos']} {m['codec']} videos of {h}x{w} (H x W), {m['frames_per_video']:.0f} frames, "
+          f"from {m['source']}")
+    seen = set()
+    for m in measured:
+        if m["num_frames"] in seen:
+            continue
+        seen.add(m["num_frames"])
+        lo, hi = m["train_short_side"]
+        print(f"  clips: {m['num_frames']} frames at stride {m['stride']} ({m['decoded_frames_per_clip']:.1f} decoded "
+              f"per clip), short side {min(h, w)} -> {lo}-{hi} ({m['resize']}), crop {m['crop_size']}; batches "
+              f"{tuple(m['batch_shape'])} (float32 or uint8: the batch column)")
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from datasets.benchmark import (
+        benchmark_backends,
+        benchmark_memory,
+        benchmark_pipeline_vs_raw,
+        ensure_kinetics_like,
+        to_json,
+    )
+
+    p = PRESETS[args.preset]
+    decoders = _decoders(args)
+    skip = set(filter(None, args.skip.split(",")))
+    report: dict = {"preset": args.preset, "decoders": decoders, "command": " ".join(sys.argv)}
+
+    if "pipeline" not in skip:
+        if p["synthetic"] is None or (args.data is not None and (args.data / "manifest.json").is_file()):
+            source = args.data
+        else:
+            source = synthetic_train_folder(args.data or DEFAULT_ROOT, p["synthetic"])
+        runs, measured = [], []
+        for output in _outputs(args):
+            spec = _spec(args, p, output)
+            m, r = benchmark_pipeline_vs_raw(
+                str(source), spec, decoders, clips=args.clips or p["clips"], rounds=args.rounds or p["rounds"],
+                batch_size=args.batch_size or p["batch_size"])
+            measured.append(m)
+            runs += r
+        report["pipeline_vs_raw"] = {"measured": to_json(measured), "spec": to_json(spec), "runs": to_json(runs)}
+
+    k = p["kinetics_like"]
+    if "backends" not in skip and k:
+        folder = ensure_kinetics_like(BENCH_ROOT, k["count"], num_frames=k["num_frames"])
+        measured_k, runs_k = [], []
+        for output in _outputs(args):
+            m, r = benchmark_backends(folder, decoders, geometries=KINETICS_GEOMETRIES, clips=k["clips"],
+                                      batch_size=k["batch_size"], output=output,
+                                      decode_timeout_s=0.0 if args.no_watchdog else VideoSpec.decode_timeout_s)
+            measured_k += m
+            runs_k += r
+        report["backends"] = {"measured": to_json(measured_k), "runs": to_json(runs_k)}
+
+    decodes = args.decodes or p["memory_decodes"]
+    if "memory" not in skip and decodes:
+        from datasets.benchmark import MEMORY_CLIP
+
+        report["memory"] = {"clip": MEMORY_CLIP, "runs": to_json(benchmark_memory(decoders, decodes=decodes))}
+
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(report))
         return 0
-    print(json.dumps(result, indent=2))
-    h, w = result["video_size"]
-    print(f"pipeline / decord = {result['ratio']:.3f} per core (CPU time; wall clock {result['ratio_wall']:.3f})  "
-          f"pipeline {result['pipeline_clips_per_cpu_s']:.1f} vs decord alone {result['decord_clips_per_cpu_s']:.1f} "
-          f"clips per CPU-second (wall: {result['pipeline_clips_per_s']:.1f} vs {result['decord_clips_per_s']:.1f} "
-          f"clips/s); {result['clips']} clips x {result['rounds']} rounds of {result['frames_per_clip']} frames "
-          f"from {h}x{w} videos, 1 thread; aim >= 0.85")
+    print(json.dumps(report, indent=1))
+    _print_tables(report)
     return 0
+
+
+def _print_tables(report: dict) -> None:
+    print(f"\n$ {report['command']}")
+    if "pipeline_vs_raw" in report:
+        r = report["pipeline_vs_raw"]
+        print("\n1. pipeline / raw decode of the same clips, one thread (aim >= 0.9 per core)")
+        _print_measured(r["measured"])
+        print(f"  {'decoder':<11} {'batch':<6} {'watchdog':<9} {'pipeline clips/CPU-s':>21} {'raw clips/CPU-s':>16} "
+              f"{'ratio/core':>11} {'pipeline clips/s':>17} {'raw clips/s':>12} {'ratio wall':>11}")
+        for run in r["runs"]:
+            print(f"  {run['decoder']:<11} {run['output']:<6} {'yes' if run['watchdog'] else 'no':<9} "
+                  f"{run['pipeline_clips_per_cpu_s']:>21.1f} {run['raw_clips_per_cpu_s']:>16.1f} {run['ratio']:>11.3f} "
+                  f"{run['pipeline_clips_per_s']:>17.1f} {run['raw_clips_per_s']:>12.1f} {run['ratio_wall']:>11.3f}")
+        print(f"  ({r['runs'][0]['clips']} clips x {r['runs'][0]['rounds']} rounds per decoder)")
+    if "backends" in report:
+        b = report["backends"]
+        print("\n2. backend against backend, same clips, Kinetics-like geometry, one thread")
+        _print_measured(b["measured"])
+        print(f"  {'decoder':<11} {'clip':<7} {'batch':<6} {'raw clips/s':>12} {'raw clips/CPU-s':>16} "
+              f"{'pipeline clips/s':>17} {'pipeline clips/CPU-s':>21} {'pipeline/raw':>13}")
+        for run in b["runs"]:
+            print(f"  {run['decoder']:<11} {str(run['num_frames']) + 'x' + str(run['stride']):<7} {run['output']:<6} "
+                  f"{run['raw_clips_per_s']:>12.2f} {run['raw_clips_per_cpu_s']:>16.2f} {run['pipeline_clips_per_s']:>17.2f} "
+                  f"{run['pipeline_clips_per_cpu_s']:>21.2f} {run['ratio']:>13.3f}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"\n3. RSS over many decodes, a fresh process per backend ({m['clip']}); flat = within 5 % after "
+              f"10 % warm-up")
+        print(f"  {'decoder':<11} {'clip':<10} {'decodes':>8} {'failed':>7} {'RSS warm MiB':>13} {'RSS end MiB':>12} "
+              f"{'growth %':>9} {'KiB/decode':>11} {'flat':>5}")
+        for run in m["runs"]:
+            print(f"  {run['decoder']:<11} {run['kind']:<10} {run['decodes']:>8} {run['failures']:>7} "
+                  f"{run['rss_after_warmup_mib']:>13.1f} {run['rss_end_mib']:>12.1f} {run['growth_pct']:>9.2f} "
+                  f"{run['kib_per_decode']:>11.3f} {'yes' if run['flat'] else 'NO':>5}")
 
 
 if __name__ == "__main__":

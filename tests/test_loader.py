@@ -7,6 +7,7 @@ import pickle
 import shutil
 import tarfile
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-import datasets.samples as samples_mod
 from datasets.clip_sampling import UniformClipSampler
 from datasets.loader import (
     DataStats,
@@ -26,6 +26,7 @@ from datasets.loader import (
 )
 from datasets.manifest import ManifestError
 from datasets.streams import TarFormatError, iter_tar_members, shard_samples
+from tests.decoder_backends import COUNTING, counting_backend
 from tests.media_fixtures import image_bytes, image_sample, textured_video, video_sample, write_shards
 
 CLASSES = ["a", "b", "c"]
@@ -167,9 +168,11 @@ def test_train_equal_full_batches_per_rank(clean_videos, world, workers):
             assert fi.shape == (bs, 4) and bool((fi.diff(dim=1) >= 0).all())
 
 
-def _train_run(folder, workers, **kw):
+def _train_run(folder, workers, decoder=None, **kw):
     args = dict(train=True, spec=SPEC, batch_size=2, samples_per_epoch=20, shuffle_buffer=4, seed=3)
     args.update(kw)
+    if decoder is not None:
+        args["spec"] = replace(args["spec"], decoder=decoder)
     ds = build_video_dataset(folder, **args)
     return [(b["video_id"], b["frame_index"], b["video"]) for b in make_loader(ds, num_workers=workers)], ds
 
@@ -203,21 +206,17 @@ def test_start_batch_resumes_the_same_stream(clean_videos, workers):
         assert _same(resumed, full[k:]), f"start_batch={k} workers={workers}"
 
 
-def test_start_batch_skips_before_decoding(clean_videos, monkeypatch):
+def test_start_batch_skips_before_decoding(clean_videos):
+    """Counted by a decoder backend that counts the videos it opens, in whatever process decodes them."""
     folder, _, _ = clean_videos
-    opened = []
-    real = samples_mod.open_video
-
-    def counting_open(data, **kw):
-        opened.append(len(data))
-        return real(data, **kw)
-
-    monkeypatch.setattr(samples_mod, "open_video", counting_open)
-    full, _ = _train_run(folder, 0)
-    assert len(opened) == 20
-    opened.clear()
-    resumed, _ = _train_run(folder, 0, start_batch=7)
-    assert len(resumed) == 3 and len(opened) == 6  # only the 3 remaining batches of 2 were decoded
+    opened = counting_backend().opened
+    opened.value = 0
+    full, _ = _train_run(folder, 0, decoder=COUNTING)
+    assert opened.value == 20
+    opened.value = 0
+    resumed, _ = _train_run(folder, 0, start_batch=7, decoder=COUNTING)
+    assert len(resumed) == 3 and opened.value == 6  # only the 3 remaining batches of 2 were decoded
+    assert _same(resumed, full[7:])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -430,3 +429,28 @@ def test_normalized_stack_equals_stack_then_normalize():
     out = NormalizedStack(SPEC.mean, SPEC.std)(clips)
     assert out.shape == (3, 3, 4, 8, 8) and out.is_contiguous()
     assert torch.allclose(out, normalize(torch.stack(clips), SPEC.mean, SPEC.std), atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_output_normalised_on_the_device_equals_float_output(clean_videos, images, workers):
+    """output="uint8": raw pixels in the batch (a quarter of the bytes), and normalize_batch(x, mean, std)
+    gives exactly the output="float" batch. Images: timm's float path, to float rounding."""
+    from datasets.transforms import normalize_batch
+
+    folder, _, _ = clean_videos
+    for train, spec in ((True, SPEC), (False, EVAL_SPEC)):
+        kw = dict(train=train, batch_size=4, seed=5, samples_per_epoch=20 if train else None)
+        as_float = list(make_loader(build_video_dataset(folder, spec=spec, **kw), num_workers=workers))
+        as_uint8 = list(make_loader(build_video_dataset(folder, spec=replace(spec, output="uint8"), **kw),
+                                    num_workers=workers))
+        assert len(as_float) == len(as_uint8) > 0
+        for f, u in zip(as_float, as_uint8):
+            assert u["video"].dtype == torch.uint8 and u["video"].shape == f["video"].shape
+            assert f["video_id"] == u["video_id"] and torch.equal(f["frame_index"], u["frame_index"])
+            assert torch.equal(normalize_batch(u["video"], spec.mean, spec.std), f["video"])
+    image_folder, _ = images
+    spec = ImageSpec(size=16, crop_pct=0.875)
+    f = next(iter(build_image_dataset(image_folder, train=False, spec=spec, batch_size=4)))
+    u = next(iter(build_image_dataset(image_folder, train=False, spec=replace(spec, output="uint8"), batch_size=4)))
+    assert u["image"].dtype == torch.uint8 and f["key"] == u["key"]
+    assert torch.allclose(normalize_batch(u["image"], spec.mean, spec.std), f["image"], atol=1e-5)

@@ -186,3 +186,25 @@ def test_image_transforms_timm():
     assert val.transforms[0].size in (36, [36], (36,))
     no_aa = image_transform(True, ImageSpec(size=32, auto_augment=None))
     assert "RandAugment" not in " ".join(type(t).__name__ for t in no_aa.transforms)
+
+
+def test_normalize_batch_is_the_float_loaders_arithmetic():
+    """uint8 batches normalised on the device equal what the output="float" loader returns, bit for bit
+    (same float32 multiply-add), for video (B, C, T, H, W) and images (B, C, H, W)."""
+    from datasets.loader import NormalizedStack
+    from datasets.transforms import normalize_batch
+
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randint(0, 256, (3, 4, 8, 8), dtype=torch.uint8, generator=g) for _ in range(3)]
+    video = normalize_batch(torch.stack(clips), MEAN, STD)
+    assert video.dtype == torch.float32 and video.shape == (3, 3, 4, 8, 8)
+    assert torch.equal(video, NormalizedStack(MEAN, STD)(clips))
+    assert torch.allclose(video, normalize(torch.stack(clips), MEAN, STD), atol=1e-6)
+    images = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8, generator=g)
+    ref = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalize_batch(images, MEAN, STD), ref, atol=1e-5)
+    assert normalize_batch(images[:, :, :0], MEAN, STD).shape == (2, 3, 0, 5)
+    with pytest.raises(TypeError, match="expects a uint8 batch"):
+        normalize_batch(video, MEAN, STD)  # already normalised: refused, never normalised twice
+    with pytest.raises(ValueError, match="C=3"):
+        normalize_batch(torch.zeros(2, 4, 5, 5, dtype=torch.uint8), MEAN, STD)
