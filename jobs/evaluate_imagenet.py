@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # our `datasets`, not Hugging Face's
 
-from pipeline.eval_cli import run_eval_job  # noqa: E402
+from pipeline.cli import run_eval_job  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_eval_job(None, __doc__.splitlines()[0], "imagenet"))

@@ -11,7 +11,8 @@ arrows, SparseFormer RoIs / points / density, per frame for video models; and a 
     ray job submit --working-dir . -- python jobs/visualize.py --model models:/vsf-tiny/3 \
         --tracking-uri http://mlflow:5000 --out /mnt/shared/figures
 
-Logic in pipeline/visualize.py (figures) and pipeline/visualize_cli.py (this command line).
+Logic in pipeline/visualize/ (figures; this command line: pipeline/visualize/cli.py); inputs are prepared
+by datasets/media_inputs.py with the model's pretrained_cfg.
 """
 
 import pathlib
@@ -19,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # our `datasets`, not Hugging Face's
 
-from pipeline.visualize_cli import run_visualize_job  # noqa: E402
+from pipeline.visualize.cli import run_visualize_job  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_visualize_job(None, __doc__.splitlines()[0]))

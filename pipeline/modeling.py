@@ -2,57 +2,62 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from pipeline.config import ExperimentConfig, ModelConfig, TrainConfig
+from pipeline.knobs import apply_knobs
+
+logger = logging.getLogger("glimpse.model")
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The configured model (any name from ``models.list_models()`` or timm), optionally initialised
-    from a local pretrained file through its family's ``checkpoint_filter_fn``."""
+def _create(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
     from models import create_model
 
     kwargs: dict[str, Any] = dict(cfg.kwargs)
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    model = create_model(cfg.name, num_classes=num_classes, **kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return create_model(cfg.name, **kwargs)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The configured model (any name from ``models.list_models()`` or timm), initialised from
+    ``model.pretrained`` through :func:`models.checkpoint.load_checkpoint` (the classifier of another
+    class count is left at its initialisation), with its inference-time knobs set (:mod:`pipeline.knobs`)."""
+    from models.checkpoint import load_checkpoint
+
+    model = _create(cfg, num_classes)
     if cfg.pretrained:
-        init_from_pretrained(model, cfg.pretrained)
-    return model
+        report = load_checkpoint(model, cfg.pretrained, classifier="reset")
+        if report.reset_classifier_keys:
+            logger.info("%s: classifier %s left at its initialisation", cfg.pretrained,
+                        ", ".join(report.reset_classifier_keys))
+    return apply_knobs(model, cfg)
 
 
-def init_from_pretrained(model: nn.Module, path: str) -> None:
-    """Load pretrained weights; a classifier of another class count is left at its initialisation."""
-    from models.checkpoint import check_state_dict, read_state_dict
+def model_data_cfg(cfg: ModelConfig) -> dict[str, Any]:
+    """The data keys of the model's ``pretrained_cfg`` (``input_size`` as built, ``num_frames``,
+    ``sampling_rate``, ``test_views``, ``mean``, ``std``), read from the architecture alone: built on
+    the meta device when it can be (no memory, no time), else on the CPU."""
+    from models.registry import built_input_size
 
-    state = read_state_dict(path)
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
-    own = model.state_dict()
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
-    dropped = [k for k in state if k.startswith(classifier + ".") and k in own and own[k].shape != state[k].shape]
-    for k in dropped:
-        del state[k]
-    check_state_dict(model, state, source=path, strict=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(classifier + ".")]
-    if bad_missing or unexpected:
-        raise ValueError(f"pretrained file {path} does not fit {type(model).__name__}: missing {bad_missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
-
-
-def input_normalization(model: nn.Module) -> dict[str, Any]:
-    """``{"mean", "std"}`` from the model's ``pretrained_cfg`` (what its data must be normalised with),
-    or ``{}`` for the data pipeline's default (ImageNet)."""
-    model = model.module if hasattr(model, "module") else model
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return {"mean": cfg.get("mean"), "std": cfg.get("std")} if cfg.get("mean") else {}
+    try:
+        with torch.device("meta"):
+            model = _create(cfg, None)
+    except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values (e.g. .tolist())
+        model = _create(cfg, None)
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    out = {k: pcfg.get(k) for k in ("num_frames", "sampling_rate", "test_views", "mean", "std")}
+    out["input_size"] = built_input_size(model)
+    if len(out["input_size"]) == 4:
+        out["num_frames"] = out["input_size"][1]
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -69,19 +74,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+class WarmupCosine:
+    """The LR factor at an update: linear warmup over ``warmup`` updates, then cosine to ``floor``."""
+
+    def __init__(self, total: int, warmup: int, floor: float) -> None:
+        self.total, self.warmup, self.floor = total, warmup, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-update linear warmup then cosine decay to ``min_lr``."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, floor))
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int, kind: str):
@@ -113,18 +124,22 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.float16
 
 
+def example_input(cfg: ExperimentConfig, batch_size: int = 1) -> torch.Tensor:
+    """Zeros of the configured input shape: ``(B, 3, T, H, W)`` clips or ``(B, 3, H, W)`` images."""
+    d = cfg.data
+    if d.kind == "video":
+        return torch.zeros(batch_size, 3, d.num_frames, d.crop_size, d.crop_size)
+    return torch.zeros(batch_size, 3, d.image_size, d.image_size)
+
+
 def count_model_cost(model: nn.Module, cfg: ExperimentConfig) -> dict[str, float]:
     """Parameters (M) and, when the model can be traced, GFLOPs per view at the training input size."""
     out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     try:
         from models.flops import count_flops
 
-        if cfg.data.kind == "video":
-            shape = (1, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)
-        else:
-            shape = (1, 3, cfg.data.image_size, cfg.data.image_size)
         was_training = model.training
-        report = count_flops(model.eval(), torch.zeros(shape))
+        report = count_flops(model.eval(), example_input(cfg))
         model.train(was_training)
         out["gflops"] = float(report.gflops)
     except Exception:  # counting is informative only; some models cannot be traced

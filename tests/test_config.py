@@ -2,7 +2,16 @@
 
 import pytest
 
-from pipeline.config import ConfigError, ExperimentConfig, parse_overrides, parse_views, resolve_config
+from pipeline.cli import resolve_from_args, training_parser
+from pipeline.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_yaml,
+    parse_overrides,
+    parse_value,
+    parse_views,
+    resolve_config,
+)
 from pipeline.presets import IMAGENET_PRESETS, KINETICS_PRESETS
 
 
@@ -57,3 +66,27 @@ def test_parse_helpers():
     with pytest.raises(ConfigError):
         parse_views("2x2")
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_exponent_floats_parse_as_numbers(tmp_path):
+    """``1e-3`` is a float on the command line, in a value and in a YAML file (YAML 1.1 reads a string)."""
+    assert parse_value("1e-3") == 0.001 and isinstance(parse_value("5E-5"), float)
+    assert parse_value("{lr: 1e-3}") == {"lr": 0.001}
+    cfg = resolve_config(KINETICS_PRESETS, "smoke", ["train.lr=1e-3"])
+    assert cfg.train.lr == 0.001
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  lr: 1e-3\n  min_lr: 1E-6\n  epochs: 3\n")
+    cfg = resolve_config(KINETICS_PRESETS, "smoke", config_file=f)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.epochs) == (0.001, 1e-6, 3)
+    assert load_yaml("a: 1e3\nb: 7\nc: x1e3") == {"a": 1000.0, "b": 7, "c": "x1e3"}
+
+
+def test_overrides_go_anywhere_on_the_command_line():
+    parser = training_parser("train", KINETICS_PRESETS, "demo")
+    argv = ["train.epochs=3", "--preset", "smoke", "--name", "my-run", "train.lr=1e-3", "--register", "m",
+            "model.kwargs.img_size=64"]
+    args = parser.parse_args(argv)
+    assert (args.preset, args.name, args.register) == ("smoke", "my-run", "m")
+    cfg = resolve_from_args(args, KINETICS_PRESETS)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.001 and cfg.model.kwargs["img_size"] == 64
+    assert cfg.cluster.name == "my-run" and cfg.tracking.register == "m"

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from pipeline.evaluation import IncompleteViewsError, ViewAggregator, default_views, summarize
+from pipeline.config import ExperimentConfig
+from pipeline.context import finalize
+from pipeline.evaluation import IncompleteViewsError, ViewAggregator, summarize
 
 
 def _add_views(agg, vid, label, logits_per_view):
@@ -54,8 +56,16 @@ def test_top1_top5_per_class_and_merge():
         a.merge(b)
 
 
-def test_default_views_follow_the_papers():
-    assert default_views("video_sparseformer_tiny", "video") == (4, 3)
-    assert default_views("timesformer_base_ats", "video") == (1, 3)
-    assert default_views("xvit_16", "video") == (1, 3)
-    assert default_views("deit_small_ats", "image") == (1, 1)
+@pytest.mark.parametrize("kind, model, views", [
+    ("video", "video_sparseformer_tiny", "4x3"),
+    ("video", "timesformer_base_ats", "1x3"),
+    ("video", "xvit_16", "1x3"),
+    ("image", "deit_small_ats", "1x1"),
+])
+def test_default_views_follow_the_papers(kind, model, views):
+    """Views left empty are the model's pretrained_cfg test views, written into the config that is logged."""
+    cfg = ExperimentConfig.from_dict({"model": {"name": model}, "data": {"kind": kind},
+                                      "cluster": {"name": "views"}})
+    assert cfg.eval.views == ""
+    assert finalize(cfg).eval.views == views
+    assert finalize(cfg).flat()["eval.views"] == views

@@ -317,6 +317,9 @@ def test_dockerfile_has_the_code_and_the_tools_the_cluster_runs():
     apt = re.search(r"apt-get install[^\n]*\n(?:[^\n]*\\\n)*[^\n]*", text).group(0)
     for tool in ("wget", "grep", "rsync", "bash"):  # KubeRay's probes, the launcher's file sync
         assert re.search(rf"\b{tool}\b", apt), f"{tool} is not installed in the image"
+    # FFmpeg's shared libraries for torchcodec (the default decoder), checked when the image is built.
+    assert re.search(r"\bffmpeg\b", apt), "ffmpeg (FFmpeg's shared libraries) is not installed in the image"
+    assert "resolve_decoder('auto') == 'torchcodec'" in text
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 

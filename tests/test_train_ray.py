@@ -19,9 +19,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import resolve_config
-from pipeline.launcher import finalize, run_training
+from pipeline.context import finalize
 from pipeline.presets import KINETICS_PRESETS
 from pipeline.tracking import RUN_NAME_TAG
+from pipeline.train.launch import run_training
 from tests.conftest import REPO, free_port, service_env
 
 pytestmark = pytest.mark.slow
@@ -111,8 +112,8 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, synthetic_root, ray_cl
 
 
 def test_registry_on_a_real_mlflow_server(tmp_path, synthetic_root, ray_cluster, mlflow_server):
-    from pipeline.evaluate import EvalRequest, run_evaluation
-    from pipeline.model_store import load_model
+    from pipeline.evaluation.standalone import EvalRequest, run_evaluation
+    from pipeline.tracking.model_store import load_model
 
     cfg = _cfg(tmp_path, synthetic_root, ray_cluster, "registered", f"tracking.tracking_uri={mlflow_server}",
                "tracking.register=glimpse-test", "tracking.aliases=candidate,staging")

@@ -3,9 +3,9 @@
 * a sweep of four trainings of a tiny ATS ViT with ASHA: some stopped early, the others evaluated at
   two K ratios; one MLflow parent run, one nested child per trial, the frontier CSV/PNG, and the
   best point registered with alias ``best`` (it loads back at its K);
-* a K-only sweep over that registered model: evaluation only, no training step in any trial, and
+* an evaluation-only sweep over that registered model: evaluation only, no training step in any trial, and
   fewer measured GFLOPs at a smaller K;
-* a K-only sweep interrupted (SIGINT) after its first trial, then resumed: finished trials kept.
+* an evaluation-only sweep interrupted (SIGINT) after its first trial, then resumed: finished trials kept.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.presets import IMAGENET_PRESETS
-from pipeline.tune import child_runs, load_sweep, run_sweep
-from pipeline.tune_presets import IMAGENET_SWEEPS
+from pipeline.sweep import Dimension, child_runs, load_sweep, run_sweep
+from pipeline.sweep.presets import IMAGENET_SWEEPS
 from tests.conftest import REPO, service_env
 
 pytestmark = pytest.mark.slow
@@ -42,8 +42,6 @@ def asha_sweep(tmp_path_factory, synthetic_root, ray_cluster):
         *_overrides(tmp, synthetic_root, ray_cluster), "data.synthetic=demo", "data.samples_per_epoch=320"])
     # Four learning rates, two of them zero; ASHA (rf 4: the best quarter goes on) after epoch 1 of 2.
     from dataclasses import replace
-
-    from pipeline.tune import Dimension
 
     spec = replace(spec, dimensions=(Dimension("train.lr", "grid", (3e-3, 0.0, 2e-3, 0.0)),), reduction_factor=4,
                    max_concurrent=2, gflops_samples=16)
@@ -93,21 +91,22 @@ def test_asha_sweep_tracks_selects_and_registers(asha_sweep):
 
     # The best point is registered and loads back at its K.
     from models.ats import ats_stages
-    from pipeline.model_store import load_model
+    from pipeline.tracking.model_store import load_model
 
     best = max(complete, key=lambda r: (r["top1"], -r["gflops"]))
     assert result.selected[0]["trial_id"] == best["trial_id"]
     version = client.get_model_version_by_alias("tune-test", "best")
-    assert version.tags["trial_id"] == best["trial_id"] and version.tags["k_setting"] == best["setting"]
+    assert version.tags["trial_id"] == best["trial_id"] and version.tags["knob_setting"] == best["setting"]
     model, meta = load_model("models:/tune-test@best", tracking_uri=result.tracking_uri)
     ratio = float(best["setting"].split("_")[1])
     assert all(s.ats_ratio == ratio for s in ats_stages(model))
+    assert meta["experiment"]["model"]["ats_ratio"] == ratio  # the knob is the config field that ran
 
 
 def test_k_only_sweep_does_not_train(asha_sweep, ray_cluster, synthetic_root):
     tmp, spec, first = asha_sweep
     space = tmp / "konly.yaml"
-    space.write_text("base: smoke\nspace: {ats.ratio: [0.25, 1.0]}\ngflops_samples: 16\n")
+    space.write_text("base: smoke\nspace: {model.ats_ratio: [0.25, 1.0]}\ngflops_samples: 16\n")
     k_spec = load_sweep(IMAGENET_SWEEPS, IMAGENET_PRESETS, "", space, _overrides(tmp, synthetic_root, ray_cluster),
                         model="models:/tune-test@best", max_concurrent=2)
     result = run_sweep(k_spec, name="konly", select="pareto")
@@ -132,7 +131,7 @@ def test_k_only_sweep_does_not_train(asha_sweep, ray_cluster, synthetic_root):
 def test_interrupted_sweep_resumes_keeping_finished_trials(asha_sweep, ray_cluster, synthetic_root):
     tmp, _, _ = asha_sweep
     space = tmp / "k.yaml"
-    space.write_text("space: {ats.ratio: [0.25, 0.5, 1.0]}\nmax_concurrent: 1\ngflops_samples: 8\nbase: smoke\n")
+    space.write_text("space: {model.ats_ratio: [0.25, 0.5, 1.0]}\nmax_concurrent: 1\ngflops_samples: 8\nbase: smoke\n")
     cmd = [sys.executable, str(REPO / "jobs" / "tune_imagenet.py"), "--space", str(space), "--model",
            "models:/tune-test@best", "--name", "resumable", *_overrides(tmp, synthetic_root, ray_cluster)]
     env = service_env()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from pipeline.config import ConfigError, resolve_config
+from pipeline.config import ConfigError, apply_params, resolve_config
+from pipeline.knobs import KnobSetting
 from pipeline.presets import IMAGENET_PRESETS, KINETICS_PRESETS
-from pipeline.tune import KSetting, apply_params, load_sweep, pareto_front, parse_space, select_rows
-from pipeline.tune_presets import IMAGENET_SWEEPS, KINETICS_SWEEPS
+from pipeline.sweep import load_sweep, pareto_front, parse_space, select_rows
+from pipeline.sweep.presets import IMAGENET_SWEEPS, KINETICS_SWEEPS
 
 BASE = resolve_config(IMAGENET_PRESETS, "smoke")
 
@@ -16,13 +19,16 @@ def test_parse_space_all_kinds_and_k_axis():
     dims, ks = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": {"uniform": [0, 0.1]},
                             "train.epochs": {"grid": [1, 2]}, "model.kwargs.depth": [2, 4],
                             "train.optimizer": {"choice": ["adamw", "sgd"]},
-                            "ats.ratio": {"grid": [0.5, [0.25, 0.75]]}, "ats.k": [16]}, BASE)
+                            "model.ats_ratio": {"grid": [0.5, [0.25, 0.75]]}, "model.ats_k": [16]}, BASE)
     assert [(d.key, d.kind, d.values) for d in dims] == [
         ("train.lr", "loguniform", (1e-4, 1e-2)), ("train.weight_decay", "uniform", (0.0, 0.1)),
         ("train.epochs", "grid", (1, 2)), ("model.kwargs.depth", "grid", (2, 4)),
         ("train.optimizer", "choice", ("adamw", "sgd"))]
     assert [s.label for s in ks] == ["ratio_0.5", "ratio_0.25-0.75", "k_16"]
-    assert ks[1] == KSetting(ratio=(0.25, 0.75)) and ks[2].model_kwargs() == {"ats_k": 16, "ats_ratio": None}
+    assert ks[1] == KnobSetting("model.ats_ratio", (0.25, 0.75))
+    assert ks[2].overrides() == {"model.ats_k": 16, "model.ats_ratio": None}  # a K clears the ratio
+    at = apply_params(BASE, ks[2].overrides())  # the settings are real config fields
+    assert at.model.ats_k == 16 and at.model.ats_ratio is None
 
 
 @pytest.mark.parametrize("space, message", [
@@ -35,14 +41,18 @@ def test_parse_space_all_kinds_and_k_axis():
     ({"train.lr": {"uniform": [0.1, 0.01]}}, "low < high"),
     ({"train.lr": {"loguniform": [0, 0.01]}}, "low > 0"),
     ({"train.lr": {"normal": [0, 1]}}, "train.lr"),
-    ({"ats.ratio": {"grid": [1.5]}}, "ratio rho in (0, 1]"),
-    ({"ats.k": {"grid": [0]}}, "positive integer K"),
-    ({"ats.ratio": {"choice": [0.5]}}, "use grid"),
+    ({"model.ats_kk": [3]}, "model.ats_kk"),
+    ({"model.ats_ratio": {"grid": [1.5]}}, "ratio rho in (0, 1]"),
+    ({"model.ats_k": {"grid": [0]}}, "positive integer K"),
+    ({"model.ats_k": {"grid": [[16, 0]]}}, "positive integer K"),
+    ({"model.ats_ratio": {"choice": [0.5]}}, "use grid"),
     ({"ats.kk": [3]}, "ats.kk"),
-    ({"ats.ratio": [0.5, 0.5]}, "repeated K settings"),
+    ({"ats.ratio": [0.5]}, "'ats.ratio' is now the config field 'model.ats_ratio'"),  # the old keys, renamed
+    ({"ats.k": [16]}, "'ats.k' is now the config field 'model.ats_k'"),
+    ({"model.ats_ratio": [0.5, 0.5]}, "repeated knob settings"),
 ])
 def test_bad_spaces_are_rejected_naming_the_key(space, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_space(space, BASE)
 
 
@@ -50,10 +60,10 @@ def test_every_preset_parses():
     for sweeps, presets in ((IMAGENET_SWEEPS, IMAGENET_PRESETS), (KINETICS_SWEEPS, KINETICS_PRESETS)):
         for name, preset in sweeps.items():
             spec = load_sweep(sweeps, presets, name, model="models:/m@best" if preset.get("needs_model") else "")
-            assert spec.dimensions or spec.k_settings, name
+            assert spec.dimensions or spec.knob_settings, name
     smoke = load_sweep(IMAGENET_SWEEPS, IMAGENET_PRESETS, "smoke")
     assert smoke.base.model.name == "deit_tiny_ats" and smoke.base.model.kwargs["patch_size"] == 4
-    assert [s.label for s in smoke.k_settings] == ["ratio_0.5", "ratio_1"]
+    assert [s.label for s in smoke.knob_settings] == ["ratio_0.5", "ratio_1"]
 
 
 def test_k_only_rules_and_yaml_file(tmp_path):
@@ -97,3 +107,52 @@ def test_pareto_front_and_selection():
         select_rows(ROWS, "budget", 0.1)
     with pytest.raises(ValueError, match="nothing to select"):
         select_rows(ROWS[5:], "best")
+
+
+def test_trial_config_is_finalised_per_trial(tmp_path):
+    from pipeline.sweep.trial import TrialPlan, trial_config
+
+    spec = load_sweep(IMAGENET_SWEEPS, IMAGENET_PRESETS, "smoke", overrides=[f"cluster.storage_path={tmp_path}"])
+    plan = TrialPlan(sweep="s", base=spec.base, parent_run_id="p", tracking_uri="sqlite:///x.db",
+                     trial_storage=str(tmp_path / "s.trials"), knob_settings=spec.knob_settings)
+    cfg = trial_config(plan, {"train.lr": 0.5, "model.kwargs.img_size": 48}, "t1")
+    assert cfg.train.lr == 0.5 and cfg.cluster.name == "s-t1" and cfg.cluster.storage_path == str(tmp_path / "s.trials")
+    assert cfg.data.image_size == 48  # the geometry of this trial's model, not the base's 32
+    assert cfg.tracking.register == "" and cfg.tracking.tracking_uri == "sqlite:///x.db" and not cfg.eval.at_end
+    assert trial_config(plan, {}, "t2").data.image_size == 32 and spec.base.data.image_size == 0  # base untouched
+
+
+def test_knob_eval_loads_ema_weights_through_the_one_loader(tmp_path):
+    import torch
+
+    from pipeline.modeling import build_model
+    from pipeline.sweep.knob_eval import load_for_eval
+    from pipeline.sweep.register import _selected_config
+    from pipeline.train import checkpointing
+
+    cfg = load_sweep(IMAGENET_SWEEPS, IMAGENET_PRESETS, "smoke").base
+    model = build_model(cfg.model, 3)
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    meta = {"experiment": cfg.to_dict(), "num_classes": 3, "classes": ["a", "b", "c"]}
+    checkpointing.save_state(tmp_path, {"model": model.state_dict(), "ema": ema, "step": 7}, meta)
+    loaded, got_meta, step = load_for_eval(str(tmp_path), "", "cpu")
+    assert step == 7 and got_meta["classes"] == ["a", "b", "c"]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())  # the EMA copy, not the raw weights
+    # The selected point's config carries its knob as the real field, so a registered model loads at it.
+    selected = _selected_config(meta, KnobSetting("model.ats_ratio", 0.5), "reg", ["best"])
+    assert selected.model.ats_ratio == 0.5 and selected.model.ats_k is None
+    assert selected.tracking.register == "reg" and selected.tracking.aliases == ("best",)
+
+
+def test_frontier_csv_and_plot(tmp_path):
+    import csv
+
+    from pipeline.sweep.report import plot_frontier, write_frontier_csv
+
+    rows = [dict(r) for r in ROWS]
+    path = write_frontier_csv(rows, tmp_path / "frontier.csv")
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table if r["pareto"] == "1"] == ["a", "b", "d"]  # f is stopped: not on the front
+    png = plot_frontier(rows, select_rows(rows, "best"), tmp_path / "frontier.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

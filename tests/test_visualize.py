@@ -1,4 +1,4 @@
-"""pipeline/visualize.py: figures drawn from the models' real sampling geometry.
+"""pipeline/visualize/: figures drawn from the models' real sampling geometry.
 
 Every check goes back to the model's own trace records (``models.trace``) converted to pixels here,
 independently of the module, or to hand-computed positions (initial grids), and reads the positions off the
@@ -551,3 +551,21 @@ def test_run_figures_without_a_tracking_server(tmp_path, caplog):
     assert [p.name for p in paths] == ["per_class_accuracy.png"]
     assert "no training curves" in caplog.text
     assert run_figures(None, None, None, out_dir=tmp_path) == []
+
+
+def test_the_figures_read_only_the_trace_protocol():
+    """pipeline/visualize/ imports no model family (the records of models.trace say what a model is) and
+    leaves pixel transforms to datasets/: only these modules of models/ and datasets/ are imported."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"models", "models.trace", "models.registry", "models.ats", "datasets.media_inputs"}
+    folder = Path(__file__).resolve().parents[1] / "pipeline" / "visualize"
+    seen = set()
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            seen |= {(path.name, n) for n in names if n.split(".")[0] in ("models", "datasets")}
+    assert {n for _, n in seen} <= allowed, sorted(seen)
+    assert ("geometry.py", "models.trace") in seen  # the check reads real imports

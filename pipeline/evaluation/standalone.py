@@ -2,7 +2,8 @@
 multi-view testing over a shard source, results to JSON and MLflow.
 
 Each worker loads the model itself (``models:/NAME@ALIAS`` downloads on every node), evaluates its
-share of the videos, and rank 0 merges the per-video scores, so every video counts exactly once.
+share of the videos, and rank 0 merges the per-video scores, so every video counts exactly once. The
+views are ``--views``, else the ones the model's config was evaluated with, else its pretrained_cfg's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ logger = logging.getLogger("glimpse.eval")
 class EvalRequest:
     model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a local checkpoint folder
     data: str = ""  # shard source; "" = the validation source the model was trained with
-    views: str = ""  # "KxS"; "" = the model's default
+    views: str = ""  # "KxS"; "" = the model's config, else its pretrained_cfg test views
     aggregate: Literal["prob", "logit", ""] = ""
     batch_size: int = 0
     num_workers: int = 1
@@ -38,50 +39,58 @@ class EvalRequest:
 
 def eval_func(config: dict[str, Any]) -> None:
     """Ray Train worker: evaluate ``config['request']`` on this rank's share of the data."""
-    import ray.train
-    import ray.train.torch
+    import ray.train  # RAY
+    import ray.train.torch  # RAY
 
-    from pipeline.model_store import load_model
-    from pipeline.train_loop import evaluate_model
+    from pipeline.console import quiet_worker_logging
+    from pipeline.evaluation.distributed import evaluate_model
+    from pipeline.tracking.model_store import load_model
 
-    logging.basicConfig(level=logging.INFO)
-    req = EvalRequest(**config["request"])
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    model, meta = load_model(req.model, tracking_uri=req.tracking_uri or None, device=str(device))
     cfg = ExperimentConfig.from_dict(config["experiment"])
-    summary = evaluate_model(model, cfg, config["data"], views=tuple(config["views"]), rank=ctx.get_world_rank(),
-                             world_size=ctx.get_world_size(), device=device, classes=tuple(meta.get("classes", ())))
+    quiet_worker_logging(cfg.cluster.log_level)
+    req = EvalRequest(**config["request"])
+    ctx = ray.train.get_context()  # RAY 1: rank and world size
+    device = ray.train.torch.get_device()  # RAY 1: this worker's device
+    model, meta = load_model(req.model, tracking_uri=req.tracking_uri or None, device=str(device))
+    summary = evaluate_model(model, cfg, config["data"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                             device=device, classes=tuple(meta.get("classes", ())), progress=True)
     if summary is not None:
         Path(config["output"]).parent.mkdir(parents=True, exist_ok=True)
         Path(config["output"]).write_text(json.dumps(summary, indent=2))
-    ray.train.report({"done": 1})
+    ray.train.report({"done": 1})  # RAY 2: on every rank
+
+
+def evaluation_config(req: EvalRequest, meta: dict[str, Any]) -> ExperimentConfig:
+    """The model's training config with the request's views, aggregation and batch size, finalised."""
+    from pipeline.context import resolve_geometry
+
+    cfg = ExperimentConfig.from_dict(meta["experiment"])
+    if req.views:
+        parse_views(req.views, key="--views")
+    ev = dataclasses.replace(cfg.eval, views=req.views or cfg.eval.views,
+                             aggregate=req.aggregate or cfg.eval.aggregate,
+                             batch_size=req.batch_size or cfg.eval.batch_size)
+    cfg = dataclasses.replace(cfg, eval=ev)
+    data, ev = resolve_geometry(cfg)  # configs stored before geometry was resolved: the model's
+    return dataclasses.replace(cfg, data=data, eval=ev)
 
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     """Evaluate on Ray and log the summary to MLflow; returns the summary."""
-    from mlflow.tracking import MlflowClient
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.evaluation import default_views
-    from pipeline.launcher import init_ray
-    from pipeline.model_store import load_model
+    from pipeline.data import resolve_sources
     from pipeline.tracking import default_tracking_uri
+    from pipeline.tracking.model_store import load_model
+    from pipeline.train.launch import init_ray
 
     tracking_uri = req.tracking_uri or default_tracking_uri("./runs")
-    # Read the model's metadata once on the driver (data geometry, classes, default views).
+    # Read the model's metadata once on the driver (data geometry, classes, views).
     model, meta = load_model(req.model, tracking_uri=tracking_uri)
-    cfg = ExperimentConfig.from_dict(meta["experiment"])
-    views = parse_views(req.views, key="--views") if req.views else \
-        default_views(cfg.model.name, cfg.data.kind)
-    eval_cfg = dataclasses.replace(cfg.eval, aggregate=req.aggregate or cfg.eval.aggregate,
-                                   batch_size=req.batch_size or cfg.eval.batch_size)
-    cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    cfg = evaluation_config(req, meta)
     data = req.data
     if not data:
-        from pipeline.data import resolve_sources
-
         data = resolve_sources(cfg.data).val
     elif "://" not in data and not data.startswith("pipe:"):
         data = str(Path(data).expanduser().resolve())
@@ -91,20 +100,28 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     trainer = TorchTrainer(
         eval_func,
         train_loop_config={"request": dataclasses.asdict(request), "experiment": cfg.to_dict(), "data": data,
-                           "views": list(views), "output": output},
+                           "output": output},
         scaling_config=ScalingConfig(num_workers=req.num_workers, resources_per_worker={"CPU": req.cpus_per_worker}),
-        run_config=RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(Path("./runs").resolve())),
+        run_config=RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(Path("./runs").resolve()),
+                             logging_config=LoggingConfig(log_level=cfg.cluster.log_level)),
     )
     trainer.fit()
     summary = json.loads(Path(output).read_text())
+    _log_evaluation(tracking_uri, req, cfg, data, model, summary, output)
+    return summary
+
+
+def _log_evaluation(tracking_uri: str, req: EvalRequest, cfg: ExperimentConfig, data: str, model, summary: dict,
+                    output: str) -> None:
+    """One MLflow run for the evaluation (client API: no process-wide active run is changed)."""
+    from mlflow.tracking import MlflowClient
+
     try:
-        # The client API, not the fluent one: no process-wide active experiment or run is changed.
         client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(req.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(req.experiment)
         run_id = client.create_run(exp_id, run_name=f"eval {req.model}").info.run_id
-        for key, value in {"model_uri": req.model, "data": data, "views": f"{views[0]}x{views[1]}",
+        for key, value in {"model_uri": req.model, "data": data, "views": cfg.eval.views,
                            "aggregate": cfg.eval.aggregate}.items():
             client.log_param(run_id, key, value)
         for key in ("top1", "top5", "mean_class_accuracy", "num_videos"):
@@ -114,20 +131,18 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         client.set_terminated(run_id)
     except Exception as exc:
         logger.error("could not log the evaluation to MLflow at %s: %s (results are in %s)", tracking_uri, exc, output)
-    return summary
 
 
 def _log_eval_figures(client, run_id: str, model, cfg: ExperimentConfig, data: str, summary: dict[str, Any]) -> None:
     """Per-class accuracy and, for models that sample, their geometry on a few inputs (``figures/``)."""
     from pipeline.data import validation_inputs
-    from pipeline.modeling import input_normalization
     from pipeline.visualize import log_figures, run_figures
 
     try:
         with tempfile.TemporaryDirectory(prefix="glimpse-figures-") as tmp:
-            norm = input_normalization(model)
-            samples = validation_inputs(cfg.data, data, 4, batch_size=4, seed=cfg.train.seed, **norm)[0]
-            paths = run_figures(None, None, summary, model=model, samples=samples, out_dir=tmp, **norm)
+            samples = validation_inputs(cfg.data, data, 4, batch_size=4, seed=cfg.train.seed)[0]
+            paths = run_figures(None, None, summary, model=model, samples=samples, out_dir=tmp, mean=cfg.data.mean,
+                                std=cfg.data.std)
             log_figures(client, run_id, paths, root=tmp)
     except Exception:
         logger.warning("could not draw the evaluation's figures", exc_info=True)

@@ -1,12 +1,12 @@
 """Named sweeps for ``jobs/tune_*.py``: a training preset, fixed overrides, and a search space.
 
-A sweep preset is a plain mapping with the keys a sweep YAML file takes (see ``pipeline.tune``):
+A sweep preset is a plain mapping with the keys a sweep YAML file takes (see ``pipeline.sweep.space``):
 
 * ``base``: the training preset the trials start from (``pipeline.presets``);
 * ``overrides``: dotted ``key=value`` settings applied to every trial;
 * ``space``: dotted config key -> ``{grid|choice: [...]}`` or ``{uniform|loguniform: [lo, hi]}``; the
-  inference-time axis ``ats.ratio`` / ``ats.k`` (ATS's K, a grid) is evaluated on every trained model
-  without retraining;
+  inference-time knobs ``model.ats_ratio`` / ``model.ats_k`` (ATS's K, ``pipeline.knobs``; a grid) are
+  evaluated on every trained model without retraining;
 * ``num_samples``, ``max_concurrent``, ``asha`` (``grace_period``, ``reduction_factor``);
 * ``needs_model``: a K-only sweep over an existing model (``--model URI``): evaluation only.
 
@@ -28,7 +28,7 @@ IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
     "smoke": {
         "base": "smoke",
         "overrides": [*_TINY_ATS, "train.epochs=2", "train.val_every=1"],
-        "space": {"train.lr": {"grid": [1e-3, 3e-3]}, "ats.ratio": {"grid": [0.5, 1.0]}},
+        "space": {"train.lr": {"grid": [1e-3, 3e-3]}, "model.ats_ratio": {"grid": [0.5, 1.0]}},
         "num_samples": 1, "asha": {"grace_period": 1, "reduction_factor": 2},
     },
     # Eight log-uniform learning rates with ASHA, each model evaluated at four K ratios.
@@ -36,23 +36,23 @@ IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
         "base": "demo",
         "overrides": [*_TINY_ATS, "train.epochs=8", "train.val_every=1", "train.mixup=0.0"],
         "space": {"train.lr": {"loguniform": [3e-4, 1e-2]}, "train.weight_decay": {"choice": [0.0, 0.05]},
-                  "ats.ratio": {"grid": [0.25, 0.5, 0.75, 1.0]}},
+                  "model.ats_ratio": {"grid": [0.25, 0.5, 0.75, 1.0]}},
         "num_samples": 8, "asha": {"grace_period": 2, "reduction_factor": 2},
     },
-    # K-only: per-stage ratio rho swept over an existing model (ATS Fig. 3/4); --model required.
+    # Evaluation only: per-stage ratio rho swept over an existing model (ATS Fig. 3/4); --model required.
     "ats_ratio": {
         "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"ats.ratio": {"grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}},
+        "space": {"model.ats_ratio": {"grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}},
     },
-    # K-only: explicit K per stage (single-stage DeiT-S K = 48 / 78 / 108, ATS appendix E.1); --model required.
+    # Evaluation only: explicit K per stage (single-stage DeiT-S K = 48 / 78 / 108, ATS appendix E.1); --model required.
     "ats_k": {
         "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"ats.k": {"grid": [48, 78, 108, 197]}},
+        "space": {"model.ats_k": {"grid": [48, 78, 108, 197]}},
     },
     # ATS Fig. 5b: fine-tuning epochs from a DeiT-S checkpoint (model.pretrained=FILE), each evaluated at every K.
     "finetune_epochs": {
         "base": "deit_small_ats_in1k",
-        "space": {"train.epochs": {"grid": [1, 5, 10, 30]}, "ats.ratio": {"grid": [0.4, 0.6, 0.8, 1.0]}},
+        "space": {"train.epochs": {"grid": [1, 5, 10, 30]}, "model.ats_ratio": {"grid": [0.4, 0.6, 0.8, 1.0]}},
     },
     "lr": {
         "base": "deit_small_ats_in1k",
@@ -83,10 +83,10 @@ KINETICS_SWEEPS: dict[str, dict[str, Any]] = {
     # ATS on TimeSformer (ATS Table 6 / Fig. A.1): K per clip swept over an existing model; --model required.
     "timesformer_ats_k": {
         "base": "timesformer_ats_k400", "needs_model": True,
-        "space": {"ats.ratio": {"grid": [0.3, 0.5, 0.7, 1.0]}},
+        "space": {"model.ats_ratio": {"grid": [0.3, 0.5, 0.7, 1.0]}},
     },
     "timesformer_finetune_epochs": {
         "base": "timesformer_ats_k400",
-        "space": {"train.epochs": {"grid": [1, 3, 5]}, "ats.ratio": {"grid": [0.3, 0.5, 0.7, 1.0]}},
+        "space": {"train.epochs": {"grid": [1, 3, 5]}, "model.ats_ratio": {"grid": [0.3, 0.5, 0.7, 1.0]}},
     },
 }

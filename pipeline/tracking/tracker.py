@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("glimpse.tracking")
 
 RUN_NAME_TAG = "glimpse.run_name"
 

@@ -1,4 +1,4 @@
-"""Multi-view evaluation: K temporal clips x S spatial crops per video, scores averaged per video.
+"""Multi-view aggregation: K temporal clips x S spatial crops per video, scores averaged per video.
 
 Three testable parts (STYLE.md #13): the view index splits into (temporal, spatial) in the data
 pipeline; ``ViewAggregator`` keys scores by video id and checks every video got all its views;
@@ -10,27 +10,11 @@ video is visited by exactly one rank, and a video seen twice is an error, not a 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
-
-# Paper defaults for multi-view testing (K clips x S crops), by model family prefix.
-DEFAULT_VIEWS = {"video_sparseformer": (4, 3), "timesformer": (1, 3), "xvit": (1, 3)}
-
-
-def default_views(model_name: str, kind: str) -> tuple[int, int]:
-    if kind == "image":
-        return (1, 1)
-    for prefix, views in DEFAULT_VIEWS.items():
-        if model_name.startswith(prefix):
-            return views
-    return (1, 1)
 
 
 class IncompleteViewsError(RuntimeError):
@@ -114,31 +98,6 @@ def summarize(agg: ViewAggregator, class_names: Iterable[str] | None = None, str
     return {"num_videos": len(ids), "top1": float(correct1.float().mean()), "top5": float(correct5.float().mean()),
             "mean_class_accuracy": sum(per_class.values()) / len(per_class), "per_class": per_class,
             "views": agg.num_views, "aggregate": agg.aggregate, "incomplete": incomplete}
-
-
-@torch.no_grad()
-def run_views(model: torch.nn.Module, loader: Iterable[dict], *, kind: str, num_views: int,
-              aggregate: Literal["prob", "logit"], device: torch.device, autocast_dtype: torch.dtype | None = None,
-              progress: bool = False) -> tuple[ViewAggregator, float]:
-    """Run ``model`` over every view of ``loader`` into a ViewAggregator; also returns the mean loss."""
-    model.eval()
-    agg = ViewAggregator(num_views=num_views, aggregate=aggregate)
-    loss_sum, count = 0.0, 0
-    it = loader
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc="eval", unit="batch", mininterval=5)
-    for batch in it:
-        x = (batch["video"] if kind == "video" else batch["image"]).to(device, non_blocking=True)
-        y = batch["label"].to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        count += y.numel()
-        ids = batch.get("video_id") or batch.get("key")
-        agg.add(logits, y, list(ids), batch.get("clip_index"), batch.get("spatial_index"))
-    return agg, loss_sum / max(count, 1)
 
 
 def gather_aggregators(agg: ViewAggregator) -> ViewAggregator | None:

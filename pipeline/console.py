@@ -1,0 +1,90 @@
+"""What a run shows on the console: Glimpse's own INFO lines, progress bars, and little else.
+
+Glimpse logs through the ``glimpse`` logger at INFO; the root logger keeps Python's default level
+(WARNING). That is what keeps libraries quiet: Ray Train's per-report line ("Reporting training result
+...") is an INFO record of a logger outside the ``ray.train`` hierarchy, shown only when something raises
+the root logger to INFO (the old ``logging.basicConfig(level=INFO)`` did). Ray Train's own ``ray.train``
+records go at ``cluster.log_level`` through ``ray.train.LoggingConfig``
+(:func:`pipeline.train.launch.build_trainer`); MLflow's through its ``MLFLOW_LOGGING_LEVEL`` setting.
+
+Progress bars: ``tqdm`` in the driver, Ray's ``tqdm_ray`` inside Ray workers (it draws the bar on the
+driver's console instead of forwarding carriage-return lines).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def quiet_libraries(level: str = "WARNING") -> None:
+    """MLflow's INFO lines ("Creating initial MLflow database tables") and artifact-download bars off:
+    through MLflow's own settings, before it configures its loggers, and on its logger if it already did."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(level)
+
+
+def configure_logging(level: str = "INFO", library_level: str = "WARNING") -> None:
+    """Glimpse's ``glimpse.*`` loggers at ``level``, quiet libraries (:func:`quiet_libraries`); the root logger
+    keeps its level. Records still propagate (pytest's ``caplog``, an application's own handlers); a handler
+    of our own is added only when the root logger has none."""
+    quiet_libraries(library_level)
+    log = logging.getLogger("glimpse")
+    log.setLevel(level)
+    if not logging.getLogger().handlers and not any(getattr(h, "_glimpse", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler._glimpse = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+
+
+def quiet_worker_logging(library_level: str = "WARNING") -> None:
+    """In a Ray worker: Glimpse's INFO lines, and ``library_level`` for the libraries' records."""
+    configure_logging("INFO", library_level)
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    # Ray Train's workers are actors; the driver has no actor id.
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+class ProgressBar:
+    """A tqdm bar with ``update(n, **postfix)``; ``tqdm_ray`` in Ray workers (postfix in the description)."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "it") -> None:
+        self.desc = desc
+        self._ray = _in_ray_worker()
+        if self._ray:
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            self._bar: Any = ray_tqdm(desc=desc, total=total, unit=unit)
+        else:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=desc, total=total, unit=unit, mininterval=1.0, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if postfix:
+            text = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items())
+            if self._ray:
+                self._bar.set_description(f"{self.desc} {text}")
+            else:
+                self._bar.set_postfix_str(text, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def progress_bar(desc: str, total: int | None = None, unit: str = "it") -> ProgressBar:
+    return ProgressBar(desc, total=total, unit=unit)
