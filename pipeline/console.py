@@ -7,8 +7,11 @@ the root logger to INFO (the old ``logging.basicConfig(level=INFO)`` did). Ray T
 records go at ``cluster.log_level`` through ``ray.train.LoggingConfig``
 (:func:`pipeline.train.launch.build_trainer`); MLflow's through its ``MLFLOW_LOGGING_LEVEL`` setting.
 
-Progress bars: ``tqdm`` in the driver, Ray's ``tqdm_ray`` inside Ray workers (it draws the bar on the
-driver's console instead of forwarding carriage-return lines).
+Progress bars: ``tqdm`` in the driver. Inside Ray workers, the same ``tqdm`` bar is written as one full
+line per refresh (at most every ``WORKER_REFRESH_S``): Ray forwards a worker's output line by line, so a
+carriage-return bar would reach the driver only when its epoch ends. Not Ray's ``tqdm_ray``: with it, the
+driver's log subscriber failed ("Missing :authority header") after a Ray Train run, and every later GCS
+call of that driver (the next Tune sweep's) hung; its bars also showed wrong elapsed times.
 """
 
 from __future__ import annotations
@@ -58,28 +61,41 @@ def _in_ray_worker() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
+WORKER_REFRESH_S = 10.0  # a Ray worker's bar: one line at most this often (and one at the end)
+
+
+class LineStream:
+    """A text stream for tqdm that turns each carriage-return redraw into a line of its own."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class ProgressBar:
-    """A tqdm bar with ``update(n, **postfix)``; ``tqdm_ray`` in Ray workers (postfix in the description)."""
+    """A tqdm bar with ``update(n, **postfix)``; in a Ray worker, one line per refresh (see the module doc)."""
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it") -> None:
+        from tqdm import tqdm
+
         self.desc = desc
-        self._ray = _in_ray_worker()
-        if self._ray:
-            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-            self._bar: Any = ray_tqdm(desc=desc, total=total, unit=unit)
+        if _in_ray_worker():
+            self._bar: Any = tqdm(desc=desc, total=total, unit=unit, file=LineStream(sys.stderr),
+                                  mininterval=WORKER_REFRESH_S, leave=True)
         else:
-            from tqdm import tqdm
-
             self._bar = tqdm(desc=desc, total=total, unit=unit, mininterval=1.0, dynamic_ncols=True, leave=True)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         if postfix:
             text = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items())
-            if self._ray:
-                self._bar.set_description(f"{self.desc} {text}")
-            else:
-                self._bar.set_postfix_str(text, refresh=False)
+            self._bar.set_postfix_str(text, refresh=False)
         self._bar.update(n)
 
     def close(self) -> None:

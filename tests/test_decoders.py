@@ -36,7 +36,7 @@ from datasets.decoders import (
     resolve_decoder,
 )
 from datasets.decoders.memory import benchmark_memory
-from datasets.decoders.watchdog import DecodeWatchdog, FixedPlan, InProcessReader
+from datasets.decoders.watchdog import DecodeWatchdog, FixedPlan, InProcessReader, make_reader
 from datasets.encode import encode_video
 from datasets.loader import DataStats, VideoSpec, build_video_dataset, make_loader
 from datasets.samples import VideoSampleDecoder
@@ -584,3 +584,24 @@ def test_memory_flat_over_many_decodes_failed_ones_included(decoder):
         assert resolve_decoder("auto") != "decord"
     else:
         assert runs["truncated"].flat and runs["truncated"].kib_per_decode < 1, runs["truncated"]
+
+
+@pytest.mark.slow
+def test_no_decode_child_is_forked_from_a_process_holding_a_ray_connection(ray_cluster):
+    """A ``loader_workers=0`` loader in a Ray driver decodes in-process (a forked decode child broke the
+    driver's GCS connection); the same loader outside Ray gets the watchdog."""
+    import ray
+
+    from pipeline.train.launch import init_ray
+
+    was_connected = ray.is_initialized()
+    if was_connected:
+        ray.shutdown()
+    assert isinstance(make_reader("pyav", 5.0), DecodeWatchdog)
+    init_ray(ray_cluster["address"])
+    try:
+        assert isinstance(make_reader("pyav", 5.0), InProcessReader)
+        assert isinstance(make_reader("pyav", 0.0), InProcessReader)
+    finally:
+        if not was_connected:
+            ray.shutdown()

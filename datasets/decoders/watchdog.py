@@ -25,6 +25,8 @@ child's side is :mod:`datasets.decoders.decode_process`):
   (SIGKILL) and that clip gets :class:`DecodeTimeout`. End of file instead of the answer: the child died
   on that clip, which gets :class:`DecoderCrash` naming the signal or exit status. The clips behind it
   go to a new child; the loader counts the sample (``decode_timeout``, ``decoder_crash``) and goes on;
+- never forked from a process that holds a Ray connection (a ``loader_workers=0`` loader inside a Ray
+  driver or worker): there the loader decodes in-process (:func:`holds_ray_connection` says why);
 - after ``recycle_after`` decodes the child is replaced, which bounds what a leaking native decoder
   can accumulate (decord leaks on failed decodes).
 
@@ -39,6 +41,7 @@ no protection.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import weakref
@@ -63,6 +66,8 @@ __all__ = ["DecodeResult", "DecodeWatchdog", "FixedPlan", "InProcessReader", "In
 
 IndexPlan = Callable[[int], np.ndarray]
 """``plan(num_frames) -> int64 frame indices``: deterministic and picklable (it runs in the child)."""
+
+logger = logging.getLogger(__name__)
 
 _MIB = 1 << 20
 _OUT_CAP = 256 * _MIB  # frames buffer: grown to hold a whole batch, up to this (then batches are split)
@@ -115,10 +120,35 @@ class InProcessReader:
         pass
 
 
+def holds_ray_connection() -> bool:
+    """Whether this process is a connected Ray driver or worker (not a DataLoader worker forked from one).
+
+    Such a process must not fork decode children (Ray's "forking new processes" anti-pattern). Measured:
+    in a Ray driver after a Ray Train run, the first decode in a forked child left the driver's GCS
+    connection broken ("Missing :authority header" in its log subscriber) and every later GCS call of the
+    driver (a Tune sweep's first) hung. DataLoader workers, forked before any decode child, are not affected.
+    """
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is None
+
+
 def make_reader(decoder: str, timeout_s: float) -> InProcessReader | DecodeWatchdog:
-    """The reader a loader uses: :class:`DecodeWatchdog` for ``timeout_s > 0``, else in-process."""
+    """The reader a loader uses: :class:`DecodeWatchdog` for ``timeout_s > 0``, else in-process.
+
+    In a process that holds a Ray connection (a ``loader_workers=0`` loader in a Ray driver or worker) the
+    decode is in-process, without the watchdog: see :func:`holds_ray_connection`. Use ``loader_workers >= 1``
+    there to keep the protection against hung or crashing decodes."""
     if timeout_s > 0 and hasattr(os, "fork"):
-        return DecodeWatchdog(decoder, timeout_s)
+        if not holds_ray_connection():
+            return DecodeWatchdog(decoder, timeout_s)
+        logger.info("decode watchdog off in this process: it holds a Ray connection and must not fork "
+                    "(loader_workers >= 1 keeps the watchdog)")
     return InProcessReader(decoder)
 
 
