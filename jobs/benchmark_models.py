@@ -13,6 +13,7 @@ DeiT-S file (ATS keeps fewer tokens, K' < K, on trained weights and real images)
     python jobs/benchmark_models.py flops --json deit_small_ats_k48 timesformer_base
     python jobs/benchmark_models.py flops --model-kwargs img_size=384 deit_small_ats
     python jobs/benchmark_models.py flops --average 16 deit_small_ats   # + mean GFLOPs of 16 random images
+    python jobs/benchmark_models.py flops --average 8 cvt_13_224 cvt_13_224_ats cvt_21_384 cvt_21_384_ats
     python jobs/benchmark_models.py harness --preset smoke              # ATS / ToMe / EViT at matched GFLOPs
     python jobs/benchmark_models.py harness --preset demo               # 3.0 / 2.5 / 2.0 GFLOPs, + compiled at 2.5
     python jobs/benchmark_models.py throughput --preset smoke           # < 2 min
@@ -43,7 +44,13 @@ PAPER_GFLOPS = {
     "timesformer_base": 196, "timesformer_hr": 1703, "timesformer_large": 2380, "xvit_8": 142, "xvit_16": 283,
     "psvit_ti_14": 1.6, "psvit_b_10": 3.1, "psvit_b_14": 5.4, "psvit_b_18": 8.8,
     "sparseformer_tiny": 2.0, "sparseformer_small": 3.8, "sparseformer_base": 7.8,
+    # ATS Table 1 (CvT Table 3 for the plain rows); the +ATS figures are ImageNet averages with trained
+    # weights (compare avg_gflops with a trained checkpoint, not the upper bound).
+    "cvt_13_224": 4.5, "cvt_13_224_ats": 3.2, "cvt_13_384": 16.3, "cvt_13_384_ats": 11.7,
+    "cvt_21_224": 7.1, "cvt_21_224_ats": 5.1, "cvt_21_384": 24.9, "cvt_21_384_ats": 17.4,
 }
+# Parameters (millions) where a paper's table gives them beside its GFLOPs (ATS Table 1: the same for +ATS).
+PAPER_PARAMS_M = {f"cvt_{d}_{s}{a}": p for d, p in ((13, 20.0), (21, 32.0)) for s in (224, 384) for a in ("", "_ats")}
 DEFAULT_FLOPS_MODELS = [
     "deit_small_patch16_224", "deit_small_ats", "deit_small_ats_k108", "deit_small_ats_k78", "deit_small_ats_k48",
     "timesformer_base", "timesformer_hr", "timesformer_large", "xvit_8", "xvit_16",
@@ -82,6 +89,8 @@ def flops_rows(names: list[str], model_kwargs: dict, average: int = 0) -> list[d
             row["avg_gflops"] = round(average_flops(model, batches), 4)
         if name in PAPER_GFLOPS and not model_kwargs:  # the papers' figures hold for the default config only
             row["paper_target"] = PAPER_GFLOPS[name]
+        if name in PAPER_PARAMS_M and not model_kwargs:
+            row["paper_params_m"] = PAPER_PARAMS_M[name]
         rows.append(row)
         del model
     return rows
@@ -110,7 +119,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        cols = ["model", "input", "params_m", "gflops", "paper_gflops", "paper_target"]
+        cols = ["model", "input", "params_m", "paper_params_m", "gflops", "paper_gflops", "paper_target"]
         print_table(rows, cols + (["avg_gflops"] if args.average else []))
 
 

@@ -99,6 +99,10 @@ KINETICS_PRESETS: dict[str, dict[str, Any]] = {
 
 _SYNTH_IMAGE = {"kind": "image", "crop_pct": 1.0, "auto_augment": "", "loader_workers": 1}
 _TINY_VIT = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4}}
+# CvT-13 + ATS shrunk for CPU: 32 px at strides 2 -> grids 16, 8, 4 (16 stage-3 tokens), ATS in blocks 1-2.
+_TINY_CVT_ATS = {"name": "cvt_13_224_ats", "ats_ratio": 0.5,
+                 "kwargs": {"img_size": 32, "embed_dims": [16, 32, 48], "depths": [1, 1, 3], "num_heads": [1, 2, 3],
+                            "patch_strides": [2, 2, 2]}}
 
 
 def _in1k(model: dict[str, Any], epochs: int, lr: float, warmup: float, mixup: float = 0.8) -> dict[str, Any]:
@@ -108,6 +112,11 @@ def _in1k(model: dict[str, Any], epochs: int, lr: float, warmup: float, mixup: f
                       "mixup": mixup, "cutmix": 1.0, "checkpoint_every": 2000, "log_every": 100},
             "cluster": _GPU_CLUSTER}
 
+
+# ATS appendix E.2: AdamW, lr 1.5e-6, batch 128, 30 epochs, cosine (train's only schedule); the rest as CvT's
+# recipe (stochastic depth 0.1 in stage 3). The checkpoint (the official CvT release's or ours) is given with
+# model.pretrained=FILE. min_lr under lr: at the default 1e-5 the cosine would rise from 1.5e-6.
+_CVT_13_ATS = _in1k({"name": "cvt_13_224_ats", "drop_path_rate": 0.1}, epochs=30, lr=1.5e-6, warmup=0)
 
 IMAGENET_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -128,6 +137,14 @@ IMAGENET_PRESETS: dict[str, dict[str, Any]] = {
         "cluster": {"num_workers": 2},
         "tracking": {"register": "glimpse-imagenet-demo"},
     },
+    # The smoke run with a tiny CvT + ATS (ATS appendix E.2's layout: linear q/k/v and ATS in stage 3).
+    "cvt_ats_smoke": {
+        "model": _TINY_CVT_ATS,
+        "data": {**_SYNTH_IMAGE, "synthetic": "smoke", "loader_workers": 0},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 0.5, "log_every": 2, "val_every": 0},
+        "eval": {"batch_size": 32},
+        "cluster": {"num_workers": 1},
+    },
     # DeiT-S + ATS fine-tuning (ATS paper: from a DeiT-S checkpoint, multi-stage 3-11).
     "deit_small_ats_in1k": _in1k({"name": "deit_small_ats"}, epochs=30, lr=5e-5, warmup=0),
     # PS-ViT-B/14 (PS-ViT paper: 300 epochs, AdamW, DeiT recipe).
@@ -135,6 +152,8 @@ IMAGENET_PRESETS: dict[str, dict[str, Any]] = {
     # SparseFormer-T (SparseFormer paper: 300 epochs, AdamW, DeiT-style augmentation).
     "sparseformer_tiny_in1k": _in1k({"name": "sparseformer_tiny", "drop_path_rate": 0.2}, epochs=300, lr=1e-3,
                                     warmup=20),
+    # CvT-13 + ATS fine-tuning from a CvT-13 checkpoint (ATS appendix E.2), model.pretrained=FILE.
+    "cvt_13_ats_in1k": {**_CVT_13_ATS, "train": {**_CVT_13_ATS["train"], "min_lr": 1.5e-8}},
 }
 
 # ----------------------------------------------------------------------------------------- evaluation

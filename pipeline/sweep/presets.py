@@ -54,6 +54,16 @@ IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
         "base": "deit_small_ats_in1k",
         "space": {"train.epochs": {"grid": [1, 5, 10, 30]}, "model.ats_ratio": {"grid": [0.4, 0.6, 0.8, 1.0]}},
     },
+    # CvT-13 + ATS (ATS Table 1, appendix E.2), evaluation only: rho / K in stage 3's ATS blocks; --model required.
+    "cvt_ats_ratio": {
+        "base": "cvt_13_ats_in1k", "needs_model": True,
+        "space": {"model.ats_ratio": {"grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}},
+    },
+    # Stage 3 has 1 + 196 tokens at 224 px, as DeiT-S: the same K counts apply.
+    "cvt_ats_k": {
+        "base": "cvt_13_ats_in1k", "needs_model": True,
+        "space": {"model.ats_k": {"grid": [48, 78, 108, 197]}},
+    },
     "lr": {
         "base": "deit_small_ats_in1k",
         "space": {"train.lr": {"loguniform": [1e-5, 3e-4]}, "train.weight_decay": {"uniform": [0.0, 0.1]}},
