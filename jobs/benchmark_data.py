@@ -22,8 +22,10 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from datasets.specs import VideoSpec  # noqa: E402
 
@@ -195,39 +197,58 @@ def main(argv=None) -> int:
     return 0
 
 
+# A table: (header, width, format or None for text, the row's value).
+Column = tuple[str, int, str | None, Callable[[dict], Any]]
+
+
+def _print_table(columns: list[Column], rows: list[dict]) -> None:
+    """One header line and one line per row; text left-aligned, numbers right-aligned."""
+    print("  " + " ".join(f"{h:<{w}}" if f is None else f"{h:>{w}}" for h, w, f, _ in columns))
+    for row in rows:
+        print("  " + " ".join(f"{get(row)!s:<{w}}" if f is None else f"{get(row):>{w}{f}}" for _, w, f, get in columns))
+
+
+def _columns(*specs: tuple[str, str, int, str | None]) -> list[Column]:
+    """Columns from (row key, header, width, number format or None for text)."""
+    return [(header, width, fmt, lambda row, key=key: row[key]) for key, header, width, fmt in specs]
+
+
+PIPELINE_COLUMNS = [*_columns(("decoder", "decoder", 11, None), ("output", "batch", 6, None)),
+                    ("watchdog", 9, None, lambda r: "yes" if r["watchdog"] else "no"), *_columns(
+    ("pipeline_clips_per_cpu_s", "pipeline clips/CPU-s", 21, ".1f"), ("raw_clips_per_cpu_s", "raw clips/CPU-s", 16, ".1f"),
+    ("ratio", "ratio/core", 11, ".3f"), ("pipeline_clips_per_s", "pipeline clips/s", 17, ".1f"),
+    ("raw_clips_per_s", "raw clips/s", 12, ".1f"), ("ratio_wall", "ratio wall", 11, ".3f"))]
+BACKEND_COLUMNS = [*_columns(("decoder", "decoder", 11, None)), ("clip", 7, None, lambda r: f"{r['num_frames']}x{r['stride']}"),
+                   *_columns(("output", "batch", 6, None), ("raw_clips_per_s", "raw clips/s", 12, ".2f"),
+                             ("raw_clips_per_cpu_s", "raw clips/CPU-s", 16, ".2f"),
+                             ("pipeline_clips_per_s", "pipeline clips/s", 17, ".2f"),
+                             ("pipeline_clips_per_cpu_s", "pipeline clips/CPU-s", 21, ".2f"),
+                             ("ratio", "pipeline/raw", 13, ".3f"))]
+MEMORY_COLUMNS = [*_columns(
+    ("decoder", "decoder", 11, None), ("kind", "clip", 10, None), ("decodes", "decodes", 8, "d"), ("failures", "failed", 7, "d"),
+    ("rss_after_warmup_mib", "RSS warm MiB", 13, ".1f"), ("rss_end_mib", "RSS end MiB", 12, ".1f"),
+    ("growth_pct", "growth %", 9, ".2f"), ("kib_per_decode", "KiB/decode", 11, ".3f")),
+    ("flat", 5, "", lambda r: "yes" if r["flat"] else "NO")]
+
+
 def _print_tables(report: dict) -> None:
     print(f"\n$ {report['command']}")
     if "pipeline_vs_raw" in report:
         r = report["pipeline_vs_raw"]
         print("\n1. pipeline / raw decode of the same clips, one thread (aim >= 0.9 per core)")
         _print_measured(r["measured"])
-        print(f"  {'decoder':<11} {'batch':<6} {'watchdog':<9} {'pipeline clips/CPU-s':>21} {'raw clips/CPU-s':>16} "
-              f"{'ratio/core':>11} {'pipeline clips/s':>17} {'raw clips/s':>12} {'ratio wall':>11}")
-        for run in r["runs"]:
-            print(f"  {run['decoder']:<11} {run['output']:<6} {'yes' if run['watchdog'] else 'no':<9} "
-                  f"{run['pipeline_clips_per_cpu_s']:>21.1f} {run['raw_clips_per_cpu_s']:>16.1f} {run['ratio']:>11.3f} "
-                  f"{run['pipeline_clips_per_s']:>17.1f} {run['raw_clips_per_s']:>12.1f} {run['ratio_wall']:>11.3f}")
+        _print_table(PIPELINE_COLUMNS, r["runs"])
         print(f"  ({r['runs'][0]['clips']} clips x {r['runs'][0]['rounds']} rounds per decoder)")
     if "backends" in report:
         b = report["backends"]
         print("\n2. backend against backend, same clips, Kinetics-like geometry, one thread")
         _print_measured(b["measured"])
-        print(f"  {'decoder':<11} {'clip':<7} {'batch':<6} {'raw clips/s':>12} {'raw clips/CPU-s':>16} "
-              f"{'pipeline clips/s':>17} {'pipeline clips/CPU-s':>21} {'pipeline/raw':>13}")
-        for run in b["runs"]:
-            print(f"  {run['decoder']:<11} {str(run['num_frames']) + 'x' + str(run['stride']):<7} {run['output']:<6} "
-                  f"{run['raw_clips_per_s']:>12.2f} {run['raw_clips_per_cpu_s']:>16.2f} {run['pipeline_clips_per_s']:>17.2f} "
-                  f"{run['pipeline_clips_per_cpu_s']:>21.2f} {run['ratio']:>13.3f}")
+        _print_table(BACKEND_COLUMNS, b["runs"])
     if "memory" in report:
         m = report["memory"]
         print(f"\n3. RSS over many decodes, a fresh process per backend ({m['clip']}); flat = within 5 % after "
               f"10 % warm-up")
-        print(f"  {'decoder':<11} {'clip':<10} {'decodes':>8} {'failed':>7} {'RSS warm MiB':>13} {'RSS end MiB':>12} "
-              f"{'growth %':>9} {'KiB/decode':>11} {'flat':>5}")
-        for run in m["runs"]:
-            print(f"  {run['decoder']:<11} {run['kind']:<10} {run['decodes']:>8} {run['failures']:>7} "
-                  f"{run['rss_after_warmup_mib']:>13.1f} {run['rss_end_mib']:>12.1f} {run['growth_pct']:>9.2f} "
-                  f"{run['kib_per_decode']:>11.3f} {'yes' if run['flat'] else 'NO':>5}")
+        _print_table(MEMORY_COLUMNS, m["runs"])
 
 
 if __name__ == "__main__":

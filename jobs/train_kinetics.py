@@ -1,17 +1,13 @@
 """Train a video model on Kinetics-style shards with Ray Train, tracked in MLflow.
 
-On a fresh machine (local Ray, synthetic clips built if absent, SQLite MLflow under ./runs):
+Without arguments: the demo preset on a local Ray, with synthetic clips built if absent and SQLite MLflow
+under ./runs (a few minutes on a CPU); ``--preset smoke`` is the two-minute check. Running a run again
+with the same ``--name`` resumes it. On a cluster, ``ray job submit`` sets RAY_ADDRESS and every node
+must reach the storage:
 
-    python jobs/train_kinetics.py                       # demo preset: a few minutes on a CPU
-    python jobs/train_kinetics.py --preset smoke        # under two minutes, end to end
-
-On a cluster (``ray job submit`` sets RAY_ADDRESS; storage must be shared by all nodes):
-
-    ray job submit --working-dir . -- python jobs/train_kinetics.py \
-        --preset video_sparseformer_tiny_k400 data.train=s3://bucket/k400/train data.val=s3://bucket/k400/val \
-        cluster.storage_path=s3://bucket/runs --register vsf-tiny
-
-Resume an interrupted run by running it again with the same ``--name``.
+    ray job submit --working-dir . -- python jobs/train_kinetics.py --preset video_sparseformer_tiny_k400 \
+        data.train=s3://bucket/k400/train data.val=s3://bucket/k400/val data.decoder=torchcodec \
+        cluster.storage_path=s3://bucket/runs eval.views=4x3 --register vsf-tiny
 """
 
 import pathlib

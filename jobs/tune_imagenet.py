@@ -1,25 +1,14 @@
 """Ray Tune sweeps of ImageNet-style image models (ATS K, fine-tune epochs, lr), tracked in MLflow.
 
-Each trial is a full Ray Train run (TorchTrainer, N workers) stopped early by ASHA on val/top1; every
-trained model is evaluated at each K of the space (the config fields model.ats_ratio / model.ats_k) and
-reports top-1 and measured average GFLOPs. The MLflow parent run gets frontier.csv and frontier.png; the
-selection is registered.
-
-Locally (a local Ray, synthetic data built if absent, SQLite MLflow under ./runs):
+What a sweep runs, tracks and registers: ``pipeline/sweep/cli.py``.
 
     python jobs/tune_imagenet.py --preset smoke                    # a few minutes on a CPU
     python jobs/tune_imagenet.py --preset demo --max-concurrent 2 --register glimpse-imagenet-sweep
     python jobs/tune_imagenet.py --space my_sweep.yaml --gflops-budget 0.5 --register my-model
-    python jobs/tune_imagenet.py --preset smoke --name my-sweep --resume   # continue an interrupted sweep
-
-Evaluation only (an existing model at every K, no training):
-
-    python jobs/tune_imagenet.py --space k_only.yaml --model models:/my-model@best --select pareto
-
-On a cluster (storage and MLflow must be reachable from every node):
-
-    ray job submit --working-dir . -- python jobs/tune_imagenet.py --preset demo \
-        cluster.storage_path=s3://bucket/sweeps tracking.tracking_uri=http://mlflow:5000 --register my-model
+    python jobs/tune_imagenet.py --preset ats_k --model models:/my-model@best --select pareto  # no training
+    ray job submit --working-dir . -- python jobs/tune_imagenet.py --preset finetune_epochs \
+        model.pretrained=/data/deit_small.pth cluster.storage_path=s3://bucket/sweeps \
+        tracking.tracking_uri=http://mlflow:5000 --register deit-small-ats
 """
 
 import pathlib

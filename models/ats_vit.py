@@ -168,14 +168,20 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return _timm_vit_filter(state_dict, model, adapt_layer_scale=True)
 
 
-def _cfg(**kwargs) -> dict:
+def deit_cfg(paper_ids: str, crop_pct: float = 0.9, **kwargs) -> dict:
+    """timm's ``pretrained_cfg`` of a DeiT-shaped model (224 px, ImageNet mean/std): one definition for the
+    ATS, ToMe and EViT variants, which differ only in their paper and evaluation crop."""
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
+        "crop_pct": crop_pct, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
-        "paper_ids": "arXiv:2111.15667", **kwargs,
+        "paper_ids": paper_ids, **kwargs,
     }
+
+
+def _cfg(**kwargs) -> dict:
+    return deit_cfg("arXiv:2111.15667", **kwargs)
 
 
 default_cfgs = {

@@ -39,6 +39,7 @@ from models.ats import class_attention
 from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
 from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
 from models.ats_vit import _DEIT_TINY as DEIT_TINY
+from models.ats_vit import deit_cfg
 from models.attention import masked_attention
 from models.registry import register_glimpse
 
@@ -208,10 +209,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 
 def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "apache-2.0", "paper_ids": "arXiv:2202.07800", **kwargs}
+    return deit_cfg("arXiv:2202.07800", crop_pct=0.875, **kwargs)
 
 
 default_cfgs = {"deit_tiny_evit": _cfg(), "deit_small_evit": _cfg(), "deit_base_evit": _cfg()}

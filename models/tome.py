@@ -47,6 +47,7 @@ from torch import Tensor
 from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
 from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
 from models.ats_vit import _DEIT_TINY as DEIT_TINY
+from models.ats_vit import deit_cfg
 from models.registry import register_glimpse
 
 __all__ = ["TokenMatch", "ToMeVisionTransformer", "apply_tome", "bipartite_soft_matching", "merge_tokens",
@@ -244,10 +245,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 
 def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "apache-2.0", "paper_ids": "arXiv:2210.09461", **kwargs}
+    return deit_cfg("arXiv:2210.09461", crop_pct=0.875, **kwargs)
 
 
 default_cfgs = {"deit_tiny_tome": _cfg(), "deit_small_tome": _cfg(), "deit_base_tome": _cfg()}

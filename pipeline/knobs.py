@@ -1,8 +1,8 @@
 """Inference-time knobs: ModelConfig fields set on a built model without touching its weights.
 
-Each knob is a typed ``ModelConfig`` field (``model.ats_k``, ``model.ats_ratio``) with one row in
-:data:`KNOBS`: how to check a value, how to set it on a model, and its short label. The pipeline uses
-the table in three places, so a new knob (issue 13: ToMe's r, EViT's keep rate) is one field and one row:
+Each knob is a typed ``ModelConfig`` field (``model.ats_k``, ``model.ats_ratio``, ``model.tome_r``,
+``model.evit_keep_rate``) with one row in :data:`KNOBS`: how to check a value, how to set it on a model,
+and its short label. The pipeline uses the table in three places, so a new knob is one field and one row:
 
 * :func:`pipeline.modeling.build_model` applies every knob that is not None after building (and after
   ``model.pretrained=``), so a training run, an evaluation and a registered model all run at the
@@ -40,6 +40,22 @@ def _per_stage(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return check
 
 
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _set_tome(model, cfg) -> None:
+    from models.tome import set_tome_r
+
+    set_tome_r(model, cfg.tome_r)
+
+
+def _set_evit(model, cfg) -> None:
+    from models.evit import set_evit_keep_rate
+
+    set_evit_keep_rate(model, cfg.evit_keep_rate)
+
+
 def _set_ats(model, cfg) -> None:
     from models.ats import set_ats_k
 
@@ -71,6 +87,10 @@ KNOBS: dict[str, Knob] = {k.key: k for k in (
          _set_ats, excludes=("ats_ratio",)),
     Knob("ats_ratio", "ratio", _per_stage(_fraction), "a ratio rho in (0, 1] (or a list of them, one per stage)",
          _set_ats, excludes=("ats_k",)),
+    Knob("tome_r", "r", _per_stage(_non_negative_int),
+         "a number of tokens r >= 0 merged per block (or a list of them, one per block)", _set_tome),
+    Knob("evit_keep_rate", "keep", _per_stage(_fraction),
+         "a keep rate in (0, 1] (or a list of them, one per EViT location)", _set_evit),
 )}
 
 

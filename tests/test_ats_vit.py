@@ -11,6 +11,7 @@ import models
 from models import ats
 from models.ats import ATSAttention, ATSBlock, MaskedBlock, set_ats_k
 from models.ats_vit import MULTI_STAGES, SINGLE_STAGE, ATSVisionTransformer, apply_ats
+from models.attention import set_model_fused_attn
 from models.checkpoint import CheckpointMismatchError, load_checkpoint
 from models.trace import record
 
@@ -111,9 +112,7 @@ def test_fused_and_manual_attention_give_the_same_logits():
     with torch.no_grad():
         fused, traces = kept(model, x)
         kept_fused = [t.kept_positions for t in traces]
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
+        assert set_model_fused_attn(model, False) == len(model.blocks)
         manual, traces = kept(model, x)
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(a, b) for s1, s2 in zip(kept_fused, [t.kept_positions for t in traces])

@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_nested():
     ("train.optimizer=lamb", "train.optimizer: 'lamb' is not one of"),
     ("eval.views=4by3", "eval.views"),
     ("train.lr=-1", "train.lr: must be >= 0"),
+    ("train.lr=1e-6", "train.min_lr .1e-05. is above train.lr .1e-06."),
     ("noequals", "not of the form key.sub=value"),
 ])
 def test_bad_values_name_the_key(override, message):

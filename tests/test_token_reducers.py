@@ -10,6 +10,7 @@ import timm
 import torch
 
 import models
+from models.attention import set_model_fused_attn
 from models.evit import (
     EViTVisionTransformer,
     apply_evit,
@@ -129,25 +130,12 @@ def test_nothing_reduced_equals_timm_deit(name, knob):
 
 @pytest.mark.parametrize("name", ["deit_small_tome", "deit_small_evit"])
 def test_fused_and_manual_attention_agree(name):
-    model = _reducer(name)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fused = model(x)
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
-        manual = model(x)
-    torch.testing.assert_close(fused, manual, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["deit_small_tome", "deit_small_evit"])
-def test_batch_independence(name):
-    model = _reducer(name)
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    model, x, logits = _reducer(name), torch.randn(2, 3, 64, 64), {}
+    for fused in (True, False):
+        assert set_model_fused_attn(model, fused) == len(model.blocks)
+        with torch.no_grad():
+            logits[fused] = model(x)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
 
 
 def test_apply_functions_convert_in_place_and_refuse_twice():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, apply_params, resolve_config
 from pipeline.knobs import KnobSetting
@@ -156,3 +157,32 @@ def test_frontier_csv_and_plot(tmp_path):
     assert [r["trial_id"] for r in table if r["pareto"] == "1"] == ["a", "b", "d"]  # f is stopped: not on the front
     png = plot_frontier(rows, select_rows(rows, "best"), tmp_path / "frontier.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tome_and_evit_knobs_are_config_fields_sweep_axes_and_set_the_model():
+    """ToMe's r and EViT's keep rate: knobs like ATS's K (a sweep's inference axis, applied by build_model),
+    and fewer measured GFLOPs at more reduction."""
+    from models.flops import count_flops
+    from pipeline.modeling import build_model
+
+    _, settings = parse_space({"model.tome_r": {"grid": [0, 4, [2, 4, 6, 0]]}, "model.evit_keep_rate": [0.5]}, BASE)
+    assert [s.label for s in settings] == ["r_0", "r_4", "r_2-4-6-0", "keep_0.5"]
+    small = "model.kwargs={img_size: 32, patch_size: 4, depth: 4, embed_dim: 64, num_heads: 2}"
+    flops = {}
+    for name, key, values in (("deit_small_tome", "model.tome_r", (0, 8)),
+                              ("deit_small_evit", "model.evit_keep_rate", (1.0, 0.5))):
+        for value in values:
+            cfg = resolve_config(IMAGENET_PRESETS, "smoke", [f"model.name={name}", small, f"{key}={value}"])
+            model = build_model(cfg.model, num_classes=10).eval()
+            assert getattr(model, key.split(".")[1]) == value  # set on the model as configured
+            flops[name, value] = count_flops(model, torch.randn(1, 3, 32, 32)).gflops
+    assert flops["deit_small_tome", 8] < flops["deit_small_tome", 0]
+    assert flops["deit_small_evit", 0.5] < flops["deit_small_evit", 1.0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.tome_r=-1", "tokens r >= 0"), ("model.evit_keep_rate=0", "keep rate in (0, 1]"),
+    ("model.evit_keep_rate=[0.5, 1.5]", "keep rate in (0, 1]")])
+def test_bad_tome_and_evit_knobs_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(IMAGENET_PRESETS, "smoke", ["model.name=deit_small_tome", override])

@@ -110,6 +110,9 @@ def validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name}: must be >= 0, got {value!r}")
     if isinstance(obj, TrainConfig) and (obj.label_smoothing >= 1 or obj.ema_decay >= 1):
         raise ConfigError(f"{prefix}label_smoothing and {prefix}ema_decay must be < 1")
+    if isinstance(obj, TrainConfig) and 0 < obj.lr < obj.min_lr:  # the cosine would climb, not decay
+        raise ConfigError(f"{prefix}min_lr ({obj.min_lr:g}) is above {prefix}lr ({obj.lr:g}): set {prefix}min_lr "
+                          f"<= {prefix}lr")
     if isinstance(obj, DataConfig):
         if obj.train_short_side_min > obj.train_short_side_max:
             raise ConfigError(f"{prefix}train_short_side_min ({obj.train_short_side_min}) > "

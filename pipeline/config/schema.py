@@ -5,7 +5,7 @@ Geometry fields left at 0 (``data.num_frames``, ``data.stride``, ``data.crop_siz
 ``pretrained_cfg`` says"; :func:`pipeline.context.finalize` fills them in on the driver before anything
 is logged, so the logged config holds the numbers that ran.
 
-``ModelConfig``'s inference-time knobs (``ats_k``, ``ats_ratio``; the table is
+``ModelConfig``'s inference-time knobs (``ats_k``, ``ats_ratio``, ``tome_r``, ``evit_keep_rate``; the table is
 :data:`pipeline.knobs.KNOBS`) are set on a built model without touching its weights: a sweep over them
 evaluates one trained model at every value (``pipeline.sweep``).
 """
@@ -37,6 +37,10 @@ class ModelConfig:
     # ratio rho of the stage's input tokens (ATS section 3.2); one value applies to every stage.
     ats_k: int | tuple[int, ...] | None = None
     ats_ratio: float | tuple[float, ...] | None = None
+    # ToMe's r (tokens merged per block, ToMe section 3) and EViT's keep rate (EViT section 3.2), on the
+    # *_tome / *_evit models; one value for every block (location) or one per block (location).
+    tome_r: int | tuple[int, ...] | None = None
+    evit_keep_rate: float | tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,13 @@
 """The command line of ``jobs/tune_*.py``: parse, run the sweep, print the frontier and the selection.
 
+What a sweep does: each trial is a full Ray Train run (TorchTrainer, N workers) stopped early by ASHA on
+``val/top1``; every trained model is evaluated at each knob setting of the space (``model.ats_ratio`` /
+``model.ats_k``: no retraining) and reports top-1 and measured average GFLOPs. The MLflow parent run gets
+``frontier.csv`` and ``frontier.png``; the selection is registered. Locally a Ray is started, synthetic
+data is built if absent and MLflow is SQLite under ``./runs``; on a cluster, storage and MLflow must be
+reachable from every node. ``--resume --name NAME`` continues an interrupted sweep (finished trials kept);
+``--model URI`` evaluates an existing model at every knob setting, without training.
+
 Dotted overrides go anywhere on the line and apply to every trial (``pipeline.cli.override_parser``, the
 one parser of :mod:`pipeline.config.overrides`).
 """

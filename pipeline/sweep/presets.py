@@ -5,8 +5,8 @@ A sweep preset is a plain mapping with the keys a sweep YAML file takes (see ``p
 * ``base``: the training preset the trials start from (``pipeline.presets``);
 * ``overrides``: dotted ``key=value`` settings applied to every trial;
 * ``space``: dotted config key -> ``{grid|choice: [...]}`` or ``{uniform|loguniform: [lo, hi]}``; the
-  inference-time knobs ``model.ats_ratio`` / ``model.ats_k`` (ATS's K, ``pipeline.knobs``; a grid) are
-  evaluated on every trained model without retraining;
+  inference-time knobs ``model.ats_ratio`` / ``model.ats_k`` (ATS's K), ``model.tome_r`` and
+  ``model.evit_keep_rate`` (``pipeline.knobs``; a grid) are evaluated on every trained model without retraining;
 * ``num_samples``, ``max_concurrent``, ``asha`` (``grace_period``, ``reduction_factor``);
 * ``needs_model``: a K-only sweep over an existing model (``--model URI``): evaluation only.
 
@@ -63,6 +63,16 @@ IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
     "cvt_ats_k": {
         "base": "cvt_13_ats_in1k", "needs_model": True,
         "space": {"model.ats_k": {"grid": [48, 78, 108, 197]}},
+    },
+    # The rivals at matched cost (issue 13), evaluation only over a trained *_tome / *_evit model (--model):
+    # ToMe's r per block (ToMe Fig. 4: r = 0 .. 16 on DeiT-S) and EViT's keep rate (EViT Table 1: 0.5 .. 1.0).
+    "tome_r": {
+        "base": "deit_small_ats_in1k", "needs_model": True,
+        "space": {"model.tome_r": {"grid": [0, 4, 8, 13, 16]}},
+    },
+    "evit_keep_rate": {
+        "base": "deit_small_ats_in1k", "needs_model": True,
+        "space": {"model.evit_keep_rate": {"grid": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]}},
     },
     "lr": {
         "base": "deit_small_ats_in1k",
