@@ -213,17 +213,19 @@ def _columns(*specs: tuple[str, str, int, str | None]) -> list[Column]:
     return [(header, width, fmt, lambda row, key=key: row[key]) for key, header, width, fmt in specs]
 
 
-PIPELINE_COLUMNS = [*_columns(("decoder", "decoder", 11, None), ("output", "batch", 6, None)),
-                    ("watchdog", 9, None, lambda r: "yes" if r["watchdog"] else "no"), *_columns(
-    ("pipeline_clips_per_cpu_s", "pipeline clips/CPU-s", 21, ".1f"), ("raw_clips_per_cpu_s", "raw clips/CPU-s", 16, ".1f"),
-    ("ratio", "ratio/core", 11, ".3f"), ("pipeline_clips_per_s", "pipeline clips/s", 17, ".1f"),
-    ("raw_clips_per_s", "raw clips/s", 12, ".1f"), ("ratio_wall", "ratio wall", 11, ".3f"))]
-BACKEND_COLUMNS = [*_columns(("decoder", "decoder", 11, None)), ("clip", 7, None, lambda r: f"{r['num_frames']}x{r['stride']}"),
-                   *_columns(("output", "batch", 6, None), ("raw_clips_per_s", "raw clips/s", 12, ".2f"),
-                             ("raw_clips_per_cpu_s", "raw clips/CPU-s", 16, ".2f"),
-                             ("pipeline_clips_per_s", "pipeline clips/s", 17, ".2f"),
-                             ("pipeline_clips_per_cpu_s", "pipeline clips/CPU-s", 21, ".2f"),
-                             ("ratio", "pipeline/raw", 13, ".3f"))]
+_DECODER, _BATCH = ("decoder", "decoder", 11, None), ("output", "batch", 6, None)
+
+
+def _rates(fmt: str) -> list[tuple[str, str, int, str | None]]:
+    """The four rates both decode tables show: (pipeline, raw) x (clips/CPU-s, clips/s)."""
+    return [(f"{side}_clips_per_{unit}", f"{side} clips/{label}", len(f"{side} clips/{label}") + 1, fmt)
+            for unit, label in (("cpu_s", "CPU-s"), ("s", "s")) for side in ("pipeline", "raw")]
+
+
+PIPELINE_COLUMNS = [*_columns(_DECODER, _BATCH), ("watchdog", 9, None, lambda r: "yes" if r["watchdog"] else "no"),
+                    *_columns(*_rates(".1f"), ("ratio", "ratio/core", 11, ".3f"), ("ratio_wall", "ratio wall", 11, ".3f"))]
+BACKEND_COLUMNS = [*_columns(_DECODER), ("clip", 7, None, lambda r: f"{r['num_frames']}x{r['stride']}"),
+                   *_columns(_BATCH, *_rates(".2f"), ("ratio", "pipeline/raw", 13, ".3f"))]
 MEMORY_COLUMNS = [*_columns(
     ("decoder", "decoder", 11, None), ("kind", "clip", 10, None), ("decodes", "decodes", 8, "d"), ("failures", "failed", 7, "d"),
     ("rss_after_warmup_mib", "RSS warm MiB", 13, ".1f"), ("rss_end_mib", "RSS end MiB", 12, ".1f"),
@@ -231,24 +233,28 @@ MEMORY_COLUMNS = [*_columns(
     ("flat", 5, "", lambda r: "yes" if r["flat"] else "NO")]
 
 
+# The report's sections in order: key, title, columns.
+SECTIONS = (
+    ("pipeline_vs_raw", "1. pipeline / raw decode of the same clips, one thread (aim >= 0.9 per core)",
+     PIPELINE_COLUMNS),
+    ("backends", "2. backend against backend, same clips, Kinetics-like geometry, one thread", BACKEND_COLUMNS),
+    ("memory", "3. RSS over many decodes, a fresh process per backend ({clip}); flat = within 5 % after 10 % "
+     "warm-up", MEMORY_COLUMNS),
+)
+
+
 def _print_tables(report: dict) -> None:
     print(f"\n$ {report['command']}")
-    if "pipeline_vs_raw" in report:
-        r = report["pipeline_vs_raw"]
-        print("\n1. pipeline / raw decode of the same clips, one thread (aim >= 0.9 per core)")
-        _print_measured(r["measured"])
-        _print_table(PIPELINE_COLUMNS, r["runs"])
-        print(f"  ({r['runs'][0]['clips']} clips x {r['runs'][0]['rounds']} rounds per decoder)")
-    if "backends" in report:
-        b = report["backends"]
-        print("\n2. backend against backend, same clips, Kinetics-like geometry, one thread")
-        _print_measured(b["measured"])
-        _print_table(BACKEND_COLUMNS, b["runs"])
-    if "memory" in report:
-        m = report["memory"]
-        print(f"\n3. RSS over many decodes, a fresh process per backend ({m['clip']}); flat = within 5 % after "
-              f"10 % warm-up")
-        _print_table(MEMORY_COLUMNS, m["runs"])
+    for key, title, columns in SECTIONS:
+        if key not in report:
+            continue
+        section = report[key]
+        print("\n" + title.format(clip=section.get("clip", "")))
+        if "measured" in section:
+            _print_measured(section["measured"])
+        _print_table(columns, section["runs"])
+        if key == "pipeline_vs_raw":
+            print(f"  ({section['runs'][0]['clips']} clips x {section['runs'][0]['rounds']} rounds per decoder)")
 
 
 if __name__ == "__main__":

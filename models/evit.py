@@ -39,7 +39,7 @@ from models.ats import class_attention
 from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
 from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
 from models.ats_vit import _DEIT_TINY as DEIT_TINY
-from models.ats_vit import deit_cfg
+from models.ats_vit import check_image_input, deit_cfg
 from models.attention import masked_attention
 from models.registry import register_glimpse
 
@@ -143,6 +143,8 @@ class EViTVisionTransformer(VisionTransformer):
         return per_block
 
     def forward_features(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        check_image_input(x, self.patch_embed.proj.in_channels,
+                          None if self.dynamic_img_size else tuple(self.patch_embed.img_size))
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # (B, N, C)
         for block, rate in zip(self.blocks, self.keep_rates()):
             x = block(x, rate)

@@ -47,7 +47,7 @@ from torch import Tensor
 from models.ats_vit import _DEIT_BASE as DEIT_BASE  # one definition of the DeiT shapes
 from models.ats_vit import _DEIT_SMALL as DEIT_SMALL
 from models.ats_vit import _DEIT_TINY as DEIT_TINY
-from models.ats_vit import deit_cfg
+from models.ats_vit import check_image_input, deit_cfg
 from models.registry import register_glimpse
 
 __all__ = ["TokenMatch", "ToMeVisionTransformer", "apply_tome", "bipartite_soft_matching", "merge_tokens",
@@ -188,6 +188,8 @@ class ToMeVisionTransformer(VisionTransformer):
                              protected=self.num_prefix_tokens)
 
     def forward_features(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        check_image_input(x, self.patch_embed.proj.in_channels,
+                          None if self.dynamic_img_size else tuple(self.patch_embed.img_size))
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # (B, N, C)
         size = None
         for block, r in zip(self.blocks, self.merge_schedule()):

@@ -1,10 +1,11 @@
 """What a run shows on the console: Glimpse's own INFO lines, progress bars, and little else.
 
 Glimpse logs through the ``glimpse`` logger at INFO; the root logger keeps Python's default level
-(WARNING). That is what keeps libraries quiet: Ray Train's per-report line ("Reporting training result
-...") is an INFO record of a logger outside the ``ray.train`` hierarchy, shown only when something raises
-the root logger to INFO (the old ``logging.basicConfig(level=INFO)`` did). Ray Train's own ``ray.train``
-records go at ``cluster.log_level`` through ``ray.train.LoggingConfig``
+(WARNING) in the driver. That is what keeps libraries quiet there. Ray Train's workers set their root
+logger to INFO with a console handler, which let Ray Train's per-report line ("Reporting training result
+N: TrainingReport(...)", an INFO record of a logger named by its module's path) reach the console from
+every worker at every report: :func:`quiet_worker_logging` sets that logger to the library level. Ray
+Train's own ``ray.train`` records go at ``cluster.log_level`` through ``ray.train.LoggingConfig``
 (:func:`pipeline.train.launch.build_trainer`); MLflow's through its ``MLFLOW_LOGGING_LEVEL`` setting.
 
 Progress bars: ``tqdm`` in the driver. Inside Ray workers, the same ``tqdm`` bar is written as one full
@@ -47,9 +48,24 @@ def configure_logging(level: str = "INFO", library_level: str = "WARNING") -> No
         log.addHandler(handler)
 
 
+# Ray Train (2.60) logs "Reporting training result N: TrainingReport(...)" at INFO, through a logger named
+# by the path of the module that reports, on every report of every worker; its workers' root logger is
+# at INFO with a console handler, so the whole report reached the console.
+_RAY_REPORT_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def quiet_worker_logging(library_level: str = "WARNING") -> None:
-    """In a Ray worker: Glimpse's INFO lines, and ``library_level`` for the libraries' records."""
+    """In a Ray worker: Glimpse's INFO lines, and ``library_level`` for the libraries' records (Ray Train's
+    per-report line included)."""
+    import importlib.util
+
     configure_logging("INFO", library_level)
+    try:
+        spec = importlib.util.find_spec(_RAY_REPORT_MODULE)
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(library_level)
 
 
 def _in_ray_worker() -> bool:

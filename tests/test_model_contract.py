@@ -178,6 +178,18 @@ def test_batch_independence(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_are_refused_naming_the_shape(name):
+    """A wrong channel count or a missing batch dimension: a ValueError that names the input's shape (not a
+    convolution's RuntimeError from deep inside)."""
+    model = build(name).eval()
+    good = mixed_inputs(model, n=1)[:1]  # (1, C, ...)
+    for bad in (good[:, :1], good[0]):  # one channel; no batch dimension
+        with torch.no_grad(), pytest.raises(ValueError) as info:
+            model(bad)
+        assert str(tuple(bad.shape)) in str(info.value), info.value
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip(name):
     model = sharpen(build(name)).eval()
     buffer = io.BytesIO()

@@ -60,6 +60,11 @@ def test_job_submit_end_to_end(tmp_path, synthetic_root, ray_cluster):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout + proc.stderr
     assert "final evaluation: top-1" in proc.stdout
+    # A quiet console: rank 0's progress lines, none of Ray Train's per-report dumps, none of our warnings.
+    out = proc.stdout + proc.stderr
+    assert "epoch 1/2" in out and "samples_per_s" in out
+    assert "TrainingReport(" not in out and "Reporting training result" not in out
+    assert "FutureWarning" not in out and "DeprecationWarning" not in out
     client, run = _run(tracking, "submitted")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "video_sparseformer_tiny"

@@ -147,7 +147,7 @@ def make_reader(decoder: str, timeout_s: float) -> InProcessReader | DecodeWatch
     if timeout_s > 0 and hasattr(os, "fork"):
         if not holds_ray_connection():
             return DecodeWatchdog(decoder, timeout_s)
-        logger.info("decode watchdog off in this process: it holds a Ray connection and must not fork "
+        logger.debug("decode watchdog off in this process: it holds a Ray connection and must not fork "
                     "(loader_workers >= 1 keeps the watchdog)")
     return InProcessReader(decoder)
 

@@ -23,6 +23,15 @@ from typing import Any
 _TINY_ATS = ["model.name=deit_tiny_ats", "model.kwargs={img_size: 32, patch_size: 4, depth: 4, embed_dim: 64, "
              "num_heads: 2}"]
 
+_RATIOS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # rho per stage (ATS Fig. 3/4)
+_DEIT_S_K = [48, 78, 108, 197]  # single-stage DeiT-S K (ATS appendix E.1); 197 = every token
+
+
+def _evaluation_only(base: str, knob: str, grid: list[Any]) -> dict[str, Any]:
+    """A sweep of one inference-time knob over an existing model (``--model`` required): no training."""
+    return {"base": base, "needs_model": True, "space": {knob: {"grid": grid}}}
+
+
 IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
     # Two learning rates x two K ratios on the tiny ATS ViT: 2 trainings, 4 evaluated points.
     "smoke": {
@@ -40,40 +49,22 @@ IMAGENET_SWEEPS: dict[str, dict[str, Any]] = {
         "num_samples": 8, "asha": {"grace_period": 2, "reduction_factor": 2},
     },
     # Evaluation only: per-stage ratio rho swept over an existing model (ATS Fig. 3/4); --model required.
-    "ats_ratio": {
-        "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"model.ats_ratio": {"grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}},
-    },
+    "ats_ratio": _evaluation_only("deit_small_ats_in1k", "model.ats_ratio", _RATIOS),
     # Evaluation only: explicit K per stage (single-stage DeiT-S K = 48 / 78 / 108, ATS appendix E.1); --model required.
-    "ats_k": {
-        "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"model.ats_k": {"grid": [48, 78, 108, 197]}},
-    },
+    "ats_k": _evaluation_only("deit_small_ats_in1k", "model.ats_k", _DEIT_S_K),
     # ATS Fig. 5b: fine-tuning epochs from a DeiT-S checkpoint (model.pretrained=FILE), each evaluated at every K.
     "finetune_epochs": {
         "base": "deit_small_ats_in1k",
         "space": {"train.epochs": {"grid": [1, 5, 10, 30]}, "model.ats_ratio": {"grid": [0.4, 0.6, 0.8, 1.0]}},
     },
     # CvT-13 + ATS (ATS Table 1, appendix E.2), evaluation only: rho / K in stage 3's ATS blocks; --model required.
-    "cvt_ats_ratio": {
-        "base": "cvt_13_ats_in1k", "needs_model": True,
-        "space": {"model.ats_ratio": {"grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}},
-    },
+    "cvt_ats_ratio": _evaluation_only("cvt_13_ats_in1k", "model.ats_ratio", _RATIOS),
     # Stage 3 has 1 + 196 tokens at 224 px, as DeiT-S: the same K counts apply.
-    "cvt_ats_k": {
-        "base": "cvt_13_ats_in1k", "needs_model": True,
-        "space": {"model.ats_k": {"grid": [48, 78, 108, 197]}},
-    },
+    "cvt_ats_k": _evaluation_only("cvt_13_ats_in1k", "model.ats_k", _DEIT_S_K),
     # The rivals at matched cost (issue 13), evaluation only over a trained *_tome / *_evit model (--model):
     # ToMe's r per block (ToMe Fig. 4: r = 0 .. 16 on DeiT-S) and EViT's keep rate (EViT Table 1: 0.5 .. 1.0).
-    "tome_r": {
-        "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"model.tome_r": {"grid": [0, 4, 8, 13, 16]}},
-    },
-    "evit_keep_rate": {
-        "base": "deit_small_ats_in1k", "needs_model": True,
-        "space": {"model.evit_keep_rate": {"grid": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]}},
-    },
+    "tome_r": _evaluation_only("deit_small_ats_in1k", "model.tome_r", [0, 4, 8, 13, 16]),
+    "evit_keep_rate": _evaluation_only("deit_small_ats_in1k", "model.evit_keep_rate", [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]),
     "lr": {
         "base": "deit_small_ats_in1k",
         "space": {"train.lr": {"loguniform": [1e-5, 3e-4]}, "train.weight_decay": {"uniform": [0.0, 0.1]}},
