@@ -49,7 +49,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     else:
         # A local Ray has no node to preempt: without Ray Train's preemption watcher, whose creation logs a
         # core_worker ERROR line about its restart arguments on every run (Ray 2.60, ray#53727).
-        env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
